@@ -1,0 +1,151 @@
+"""The one place that decides which backend computes the cross-modal linear op.
+
+Priority: ``use_backend(name)`` (innermost wins) > ``M2PT_BACKEND`` in the environment > ``"auto"``.
+
+- ``reference``: plain PyTorch, any device and dtype; the oracle.
+- ``triton``: fused Triton kernels; CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``
+  (the interpreter is how the kernels are tested without a GPU).
+- ``cuda``: the compiled extension ``m2pt_kernels._C``; CUDA tensors only.
+- ``auto``: ``triton`` for CUDA tensors of a supported dtype when triton is importable, then
+  ``cuda`` if that is built, else ``reference``.
+
+An unknown backend, or one that cannot run on the given tensors, is an error, never a silent
+fallback. Backends are imported lazily here and never import each other.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+from types import ModuleType
+from typing import Iterator
+
+import torch
+
+BACKENDS = ("reference", "triton", "cuda")
+_CHOICES = ("auto",) + BACKENDS
+_MODULES = {
+    "reference": "m2pt_kernels.ops.cross_modal_linear_reference",
+    "triton": "m2pt_kernels.ops.cross_modal_linear_triton",
+    "cuda": "m2pt_kernels.ops.cross_modal_linear_cuda",
+}
+# dtypes each fused backend computes; ``auto`` sends anything else to ``reference``.
+FUSED_DTYPES = {
+    "triton": (torch.float32, torch.bfloat16, torch.float16),
+    "cuda": (torch.float32, torch.bfloat16, torch.float16),
+}
+ENV_VAR = "M2PT_BACKEND"
+
+_override: list[str] = []
+
+
+def _check_name(name: str, where: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(
+            f"unknown m2pt_kernels backend {name!r} (from {where}); choose one of {list(_CHOICES)}"
+        )
+    return name
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def backend_status() -> dict[str, tuple[bool, str]]:
+    """For every concrete backend: (usable in this process, why or why not)."""
+    status: dict[str, tuple[bool, str]] = {"reference": (True, "plain PyTorch, always available")}
+    if importlib.util.find_spec("triton") is None:
+        status["triton"] = (False, "triton is not installed (pip install triton)")
+    elif torch.cuda.is_available():
+        status["triton"] = (True, "triton kernels on CUDA tensors")
+    elif triton_interpret():
+        status["triton"] = (True, "triton interpreter on CPU tensors (TRITON_INTERPRET=1; slow, for testing)")
+    else:
+        status["triton"] = (False, "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU)")
+    try:
+        cuda_mod = importlib.import_module(_MODULES["cuda"])
+        status["cuda"] = cuda_mod.availability()
+    except Exception as exc:  # a broken extension must never break the package
+        status["cuda"] = (False, f"the cuda backend failed to load: {exc}")
+    return status
+
+
+def available_backends() -> list[str]:
+    """The concrete backends that can run in this process (``auto`` picks among these)."""
+    return [name for name, (ok, _) in backend_status().items() if ok]
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[str]:
+    """Context manager selecting the backend for ``cross_modal_linear`` inside its block.
+
+    ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``. A backend that cannot run in
+    this process is refused here, at entry, with the reason.
+    """
+    _check_name(name, "use_backend")
+    if name != "auto":
+        ok, why = backend_status()[name]
+        if not ok:
+            raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
+    _override.append(name)
+    try:
+        yield name
+    finally:
+        _override.pop()
+
+
+def requested_backend() -> str:
+    """The backend asked for right now: ``use_backend`` > ``$M2PT_BACKEND`` > ``auto``."""
+    if _override:
+        return _override[-1]
+    env = os.environ.get(ENV_VAR)
+    if env:
+        return _check_name(env.strip().lower(), f"${ENV_VAR}")
+    return "auto"
+
+
+def resolve(x: torch.Tensor, requested: str | None = None) -> str:
+    """The concrete backend that will compute the op for input ``x``; errors say why one can't."""
+    name = requested_backend() if requested is None else _check_name(requested, "argument")
+    on_cuda = x.device.type == "cuda"
+    if name == "auto":
+        if on_cuda:
+            status = backend_status()
+            for fused in ("triton", "cuda"):
+                if status[fused][0] and x.dtype in FUSED_DTYPES[fused]:
+                    return fused
+        return "reference"
+    if name == "reference":
+        return name
+    ok, why = backend_status()[name]
+    if not ok:
+        raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
+    if name == "triton" and not (on_cuda or (x.device.type == "cpu" and triton_interpret())):
+        raise RuntimeError(
+            f"m2pt_kernels backend 'triton' needs CUDA tensors, got tensors on {x.device} "
+            "(set TRITON_INTERPRET=1 before importing triton to run the kernels on the CPU)"
+        )
+    if name == "cuda" and not on_cuda:
+        raise RuntimeError(f"m2pt_kernels backend 'cuda' needs CUDA tensors, got tensors on {x.device}")
+    if x.dtype not in FUSED_DTYPES[name]:
+        supported = ", ".join(str(d).replace("torch.", "") for d in FUSED_DTYPES[name])
+        raise TypeError(
+            f"m2pt_kernels backend {name!r} computes {supported}; got {str(x.dtype).replace('torch.', '')} "
+            "(use the 'reference' backend for other dtypes)"
+        )
+    return name
+
+
+_loaded: dict[str, ModuleType] = {}
+
+
+def implementation(name: str) -> ModuleType:
+    """The module of a concrete backend: ``forward``, ``dgrad`` and ``wgrad`` (see the op's docstring)."""
+    mod = _loaded.get(name)
+    if mod is None:
+        if name not in _MODULES:
+            _check_name(name, "implementation")
+            raise ValueError("'auto' is not a concrete backend; call resolve() first")
+        mod = _loaded[name] = importlib.import_module(_MODULES[name])
+    return mod

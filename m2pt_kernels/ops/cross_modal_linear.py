@@ -1,0 +1,222 @@
+r"""The cross-modal linear op of the Multimodal Pathway method (M2PT).
+
+Math (written once here; the kernels cite it)::
+
+    y  = x · (W + λ·W')ᵀ + b
+    x: [..., K] (any leading dims, any strides)   W, W': [N, K]   λ: [1] or [N]   b: [N] or None
+
+    dx  = dy · (W + λ·W')
+    G   = dyᵀ · x                    (x, dy flattened to [M, K], [M, N])
+    dW  = G
+    dW' = λ·G                        (λ broadcast over rows: λ[n]·G[n, k])
+    dλ  = Σ_k G ⊙ W'                 per channel; summed over n too when λ has shape [1]
+    db  = Σ_m dy
+
+Only the gradients that are needed are computed (``needs_input_grad``): in linear probing only λ
+(and x) need gradients, and then dW is never written.
+
+Registered with ``torch.library`` in the ``m2pt`` namespace as three ops, each with a fake
+implementation so ``torch.compile(fullgraph=True)`` traces them without graph breaks:
+
+- ``m2pt::cross_modal_linear(x, weight, aux_weight, scale, bias, backend) -> y``  (autograd below)
+- ``m2pt::cross_modal_linear_dgrad(dy, weight, aux_weight, scale, backend) -> dx``
+- ``m2pt::cross_modal_linear_wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale,
+  need_bias, backend) -> (dW, dW', dλ, db)``; a gradient not asked for comes back as an empty tensor.
+
+Each backend module (see ``m2pt_kernels._dispatch``) provides, on 2-D views::
+
+    forward(x2, weight, aux_weight, scale, bias) -> y2                       # [M, N], x's dtype
+    dgrad(dy2, weight, aux_weight, scale) -> dx2                            # [M, K]
+    wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias)
+        -> (dW | None, dW' | None, dλ | None, db | None)                    # dλ in λ's dtype and shape
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _dispatch
+
+__all__ = ["cross_modal_linear", "check_inputs"]
+
+_EMPTY_SHAPE = (0,)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def check_inputs(
+    x: Tensor,
+    weight: Tensor,
+    aux_weight: Tensor,
+    cross_modal_scale: Tensor,
+    bias: Optional[Tensor] = None,
+    *,
+    where: str = "cross_modal_linear",
+) -> None:
+    """Raise a TypeError / ValueError naming the argument at fault; return None when all is well."""
+    for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
+                       ("cross_modal_scale", cross_modal_scale)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{where}: {arg} must be a torch.Tensor, got {type(value).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"{where}: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{where}: weight must be 2-D [N, K], got shape {list(weight.shape)}")
+    n, k = weight.shape
+    if aux_weight.shape != weight.shape:
+        raise ValueError(
+            f"{where}: weight has shape {list(weight.shape)} but aux_weight has shape "
+            f"{list(aux_weight.shape)}; the auxiliary layer must have the target layer's shape [N, K]"
+        )
+    if x.dim() < 1 or x.shape[-1] != k:
+        raise ValueError(
+            f"{where}: x has shape {list(x.shape)}, its last dim must be in_features K={k} "
+            f"(weight shape {list(weight.shape)})"
+        )
+    if cross_modal_scale.dim() == 0:
+        raise ValueError(
+            f"{where}: cross_modal_scale is a 0-d tensor; use shape [1] (one λ) or [{n}] (one per "
+            "output channel), e.g. torch.zeros(1): FSDP2 refuses 0-d parameters"
+        )
+    if tuple(cross_modal_scale.shape) not in ((1,), (n,)):
+        raise ValueError(
+            f"{where}: cross_modal_scale has shape {list(cross_modal_scale.shape)}; expected [1] or "
+            f"[{n}] (out_features of weight {list(weight.shape)})"
+        )
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"{where}: bias has shape {list(bias.shape)}; expected [{n}] (out_features)")
+    for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
+                       ("cross_modal_scale", cross_modal_scale), ("bias", bias)):
+        if value is not None and not value.is_floating_point():
+            raise TypeError(f"{where}: {arg} must be a floating-point tensor, got {_name(value.dtype)}")
+    if aux_weight.dtype != weight.dtype:
+        raise TypeError(
+            f"{where}: weight is {_name(weight.dtype)} but aux_weight is {_name(aux_weight.dtype)}; "
+            "cast the auxiliary weight to the target weight's dtype"
+        )
+    if x.dtype != weight.dtype:
+        raise TypeError(
+            f"{where}: x is {_name(x.dtype)} but weight is {_name(weight.dtype)}; cast them to one "
+            "dtype or run under torch.autocast"
+        )
+    if bias is not None and bias.dtype != weight.dtype:
+        raise TypeError(f"{where}: bias is {_name(bias.dtype)} but weight is {_name(weight.dtype)}")
+    devices = {arg: value.device for arg, value in (
+        ("x", x), ("weight", weight), ("aux_weight", aux_weight),
+        ("cross_modal_scale", cross_modal_scale), ("bias", bias)) if value is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{arg} on {dev}" for arg, dev in devices.items())
+        raise ValueError(f"{where}: all tensors must be on one device, got {listed}")
+
+
+def _impl(backend: str):
+    return _dispatch.implementation(backend)
+
+
+@torch.library.custom_op("m2pt::cross_modal_linear", mutates_args=())
+def _cross_modal_linear_op(
+    x: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, bias: Optional[Tensor], backend: str
+) -> Tensor:
+    k = weight.shape[1]
+    y2 = _impl(backend).forward(x.reshape(-1, k), weight, aux_weight, scale, bias)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+@_cross_modal_linear_op.register_fake
+def _(x, weight, aux_weight, scale, bias, backend):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("m2pt::cross_modal_linear_dgrad", mutates_args=())
+def _dgrad_op(dy: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, backend: str) -> Tensor:
+    n, k = weight.shape
+    dx2 = _impl(backend).dgrad(dy.reshape(-1, n), weight, aux_weight, scale)
+    return dx2.view(*dy.shape[:-1], k)
+
+
+@_dgrad_op.register_fake
+def _(dy, weight, aux_weight, scale, backend):
+    return dy.new_empty(*dy.shape[:-1], weight.shape[1])
+
+
+@torch.library.custom_op("m2pt::cross_modal_linear_wgrad", mutates_args=())
+def _wgrad_op(
+    dy: Tensor, x: Tensor, aux_weight: Tensor, scale: Tensor,
+    need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool, backend: str,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    n, k = aux_weight.shape
+    grads = _impl(backend).wgrad(
+        dy.reshape(-1, n), x.reshape(-1, k), aux_weight, scale, need_weight, need_aux, need_scale, need_bias
+    )
+    empty = dy.new_empty(_EMPTY_SHAPE)
+    return tuple(g if g is not None else empty.clone() for g in grads)
+
+
+@_wgrad_op.register_fake
+def _(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, backend):
+    def maybe(flag, like, dtype=None):
+        dtype = dtype or like.dtype
+        return like.new_empty(like.shape, dtype=dtype) if flag else dy.new_empty(_EMPTY_SHAPE)
+    n = aux_weight.shape[0]
+    return (
+        maybe(need_weight, aux_weight),
+        maybe(need_aux, aux_weight),
+        maybe(need_scale, scale),
+        dy.new_empty((n,)) if need_bias else dy.new_empty(_EMPTY_SHAPE),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, aux_weight, scale, bias, backend = inputs
+    ctx.save_for_backward(x, weight, aux_weight, scale)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, weight, aux_weight, scale = ctx.saved_tensors
+    need_x, need_w, need_aux, need_scale, need_bias = ctx.needs_input_grad[:5]
+    dx = dw = daux = dscale = db = None
+    if need_x:
+        dx = torch.ops.m2pt.cross_modal_linear_dgrad(dy, weight, aux_weight, scale, ctx.backend)
+    if need_w or need_aux or need_scale or need_bias:
+        gw, gaux, gscale, gb = torch.ops.m2pt.cross_modal_linear_wgrad(
+            dy, x, aux_weight, scale, need_w, need_aux, need_scale, need_bias, ctx.backend
+        )
+        dw = gw if need_w else None
+        daux = gaux if need_aux else None
+        dscale = gscale if need_scale else None
+        db = gb if need_bias else None
+    return dx, dw, daux, dscale, db, None
+
+
+_cross_modal_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def cross_modal_linear(
+    x: Tensor,
+    weight: Tensor,
+    aux_weight: Tensor,
+    cross_modal_scale: Tensor,
+    bias: Optional[Tensor] = None,
+) -> Tensor:
+    """``y = x · (W + λ·W')ᵀ + b`` without materializing ``W + λ·W'`` (see the module docstring).
+
+    ``x``: [..., K], ``weight``/``aux_weight``: [N, K], ``cross_modal_scale`` (λ): [1] or [N],
+    ``bias``: [N] or None. The output has x's dtype; accumulation is in fp32 and λ stays in its own
+    (fp32) dtype. Under ``torch.autocast`` x, W, W' and b are cast like ``F.linear`` casts them.
+    The backend comes from ``m2pt_kernels.use_backend`` / ``$M2PT_BACKEND`` / ``auto``.
+    """
+    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x, weight, aux_weight = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                                 for t in (x, weight, aux_weight))
+        if isinstance(bias, Tensor) and bias.is_floating_point():
+            bias = bias.to(dtype)
+    check_inputs(x, weight, aux_weight, cross_modal_scale, bias)
+    backend = _dispatch.resolve(x)
+    return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)

@@ -1,0 +1,30 @@
+"""Shared test helpers: float64 reference, relative-norm error, tolerances by dtype."""
+import torch
+
+# rel-norm error bounds by dtype (developers' guide): fp32 1e-4 (tf32 on GPU 1e-3), bf16/fp16 2e-2.
+TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def tolerance(dtype: torch.dtype, device: str) -> float:
+    if dtype == torch.float32 and device == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        return 1e-3
+    return TOL[dtype]
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    assert out.shape == ref.shape, (out.shape, ref.shape)
+    assert torch.isfinite(out).all(), "non-finite values in output"
+    denom = ref.norm().item()
+    return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def reference64(x, weight, aux_weight, scale, bias, dy):
+    """y and every gradient in float64, straight from the math (materialized merge + autograd)."""
+    leaves = [t.detach().double().cpu().requires_grad_(True) if t is not None else None
+              for t in (x, weight, aux_weight, scale, bias)]
+    x64, w64, a64, s64, b64 = leaves
+    merged = w64 + s64.view(-1, 1) * a64
+    y = torch.nn.functional.linear(x64, merged, b64)
+    y.backward(dy.detach().double().cpu())
+    return y.detach(), [t.grad if t is not None else None for t in leaves]

@@ -1,0 +1,262 @@
+"""m2pt::cross_modal_linear: every backend against the float64 reference, the op contract, errors."""
+import os
+
+import pytest
+import torch
+
+import m2pt_kernels
+from m2pt_kernels import cross_modal_linear, use_backend
+from m2pt_kernels import _dispatch
+
+from conftest import device_for_tests, fused_backends
+from helpers import rel_err, reference64, tolerance
+
+DEVICE = device_for_tests()
+BACKENDS = ["reference"] + fused_backends()
+
+# (leading dims of x, K, N): M=1, odd M, M over one tile; K and N not multiples of any tile.
+SHAPES = [((1,), 8, 8), ((7,), 33, 17), ((2, 37), 40, 65), ((131,), 24, 20)]
+
+
+def make_inputs(lead, k, n, dtype, *, bias=True, per_channel=False, aux_trainable=True,
+                weight_trainable=True, non_contiguous=False, device=DEVICE):
+    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
+        x = torch.randn(k + 3, *lead, device=device, dtype=dtype)[:k].movedim(0, -1)
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*lead, k, device=device, dtype=dtype)
+    w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    a = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=device, dtype=torch.float32)
+    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    x.requires_grad_(True)
+    w.requires_grad_(weight_trainable)
+    a.requires_grad_(aux_trainable)
+    s.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, a, s, b
+
+
+def run_backend(backend, inputs, dy):
+    with use_backend(backend):
+        y = cross_modal_linear(*inputs)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in inputs]
+
+
+def check_against_reference(backend, inputs, dtype):
+    dy = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=DEVICE, dtype=dtype)
+    y, grads = run_backend(backend, inputs, dy)
+    y_ref, grads_ref = reference64(*inputs, dy)
+    tol = tolerance(dtype, DEVICE)
+    assert y.dtype == dtype
+    assert rel_err(y, y_ref) < tol, "y"
+    names = ("dx", "dW", "dW'", "dλ", "db")
+    for name, t, g, g_ref in zip(names, inputs, grads, grads_ref):
+        if t is None:
+            continue
+        if not t.requires_grad:
+            assert g is None, f"{name} was written though not requested"
+            continue
+        assert g is not None, f"{name} missing"
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert rel_err(g, g_ref) < tol, name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lead,k,n", SHAPES)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_fp32_against_float64(backend, lead, k, n, bias, per_channel):
+    inputs = make_inputs(lead, k, n, torch.float32, bias=bias, per_channel=per_channel)
+    check_against_reference(backend, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lead,k,n", [SHAPES[1], SHAPES[2]])
+def test_half_against_float64(backend, dtype, lead, k, n):
+    inputs = make_inputs(lead, k, n, dtype, per_channel=True)
+    check_against_reference(backend, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("aux_trainable", [True, False])
+def test_non_contiguous_x_and_frozen_aux(backend, aux_trainable):
+    inputs = make_inputs((3, 11), 19, 23, torch.float32, aux_trainable=aux_trainable, non_contiguous=True)
+    check_against_reference(backend, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_linear_probe_writes_only_scale_and_x_grads(backend):
+    """Only λ and x need gradients: dW, dW' and db are never produced."""
+    inputs = make_inputs((9,), 21, 14, torch.float32, weight_trainable=False, aux_trainable=False)
+    inputs[4].requires_grad_(False)
+    check_against_reference(backend, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lambda_zero_is_plain_linear(backend):
+    x, w, a, s, b = make_inputs((5,), 16, 12, torch.float32)
+    with torch.no_grad():
+        s.zero_()
+    with use_backend(backend):
+        y = cross_modal_linear(x, w, a, s, b)
+    assert rel_err(y, torch.nn.functional.linear(x.double(), w.double(), b.double())) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_merged_weight_saved_for_backward(backend):
+    """The op saves its inputs only: nothing weight-sized is kept alive until backward."""
+    x, w, a, s, b = make_inputs((6,), 16, 12, torch.float32)
+    inputs_ptrs = {t.data_ptr() for t in (x, w, a, s)}
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), use_backend(backend):
+        y = cross_modal_linear(x, w, a, s, b)
+    assert saved, "nothing saved: the hook did not see the op"
+    for t in saved:
+        assert t.data_ptr() in inputs_ptrs, f"saved a tensor of shape {list(t.shape)} that is not an input"
+    y.sum().backward()
+
+
+def test_gradcheck_float64_reference():
+    x, w, a, s, b = make_inputs((2, 3), 5, 4, torch.float64, per_channel=True)
+    s = s.detach().double().requires_grad_(True)
+    with use_backend("reference"):
+        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s, b))
+        s1 = torch.randn(1, dtype=torch.float64, device=DEVICE, requires_grad=True)
+        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s1, None))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_opcheck(backend, per_channel):
+    x, w, a, s, b = make_inputs((5,), 12, 10, torch.float32, per_channel=per_channel)
+    op = torch.ops.m2pt
+    torch.library.opcheck(op.cross_modal_linear.default, (x, w, a, s, b, backend))
+    torch.library.opcheck(op.cross_modal_linear.default, (x, w, a, s, None, backend))
+    dy = torch.randn(5, 10, device=DEVICE)
+    torch.library.opcheck(op.cross_modal_linear_dgrad.default, (dy, w.detach(), a.detach(), s.detach(), backend))
+    for flags in [(True, True, True, True), (False, False, True, False)]:
+        torch.library.opcheck(
+            op.cross_modal_linear_wgrad.default, (dy, x.detach(), a.detach(), s.detach(), *flags, backend)
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph_matches_eager(backend):
+    torch._dynamo.reset()
+    x, w, a, s, b = make_inputs((2, 9), 16, 12, torch.float32, per_channel=True)
+    dy = torch.randn(2, 9, 12, device=DEVICE)
+
+    def f(x, w, a, s, b):
+        return cross_modal_linear(x, w, a, s, b)
+
+    with use_backend(backend):
+        y_eager = f(x, w, a, s, b)
+        grads_eager = torch.autograd.grad(y_eager, (x, w, a, s, b), dy)
+        compiled = torch.compile(f, fullgraph=True, backend="inductor" if DEVICE == "cuda" else "aot_eager")
+        y = compiled(x, w, a, s, b)
+        grads = torch.autograd.grad(y, (x, w, a, s, b), dy)
+    assert rel_err(y, y_eager) < 1e-5
+    for g, ge in zip(grads, grads_eager):
+        assert rel_err(g, ge) < 1e-5
+
+
+def test_autocast_behaves_like_f_linear():
+    x = torch.randn(4, 16, device=DEVICE)
+    w, a = torch.randn(8, 16, device=DEVICE), torch.randn(8, 16, device=DEVICE)
+    s = torch.full((1,), 0.5, device=DEVICE, requires_grad=True)
+    b = torch.randn(8, device=DEVICE)
+    dtype = torch.bfloat16
+    with torch.autocast(DEVICE, dtype=dtype):
+        y = cross_modal_linear(x, w, a, s, b)
+        y_lin = torch.nn.functional.linear(x, w + 0.5 * a, b)
+    assert y.dtype == y_lin.dtype == dtype
+    assert rel_err(y, y_lin) < 2e-2
+    y.float().sum().backward()
+    assert s.grad is not None and s.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _good():
+    x = torch.randn(3, 8)
+    w, a = torch.randn(6, 8), torch.randn(6, 8)
+    return x, w, a, torch.zeros(1), torch.zeros(6)
+
+
+@pytest.mark.parametrize("change,exc,words", [
+    (lambda x, w, a, s, b: (x, w, torch.randn(6, 9), s, b), ValueError, ["aux_weight", "[6, 9]", "[6, 8]"]),
+    (lambda x, w, a, s, b: (torch.randn(3, 7), w, a, s, b), ValueError, ["x", "[3, 7]", "K=8"]),
+    (lambda x, w, a, s, b: (x, w, a, torch.tensor(0.0), b), ValueError, ["0-d", "[1]"]),
+    (lambda x, w, a, s, b: (x, w, a, torch.zeros(5), b), ValueError, ["cross_modal_scale", "[5]", "[6]"]),
+    (lambda x, w, a, s, b: (x, w, a.double(), s, b), TypeError, ["float32", "float64", "aux_weight"]),
+    (lambda x, w, a, s, b: (x, w, a, s, torch.zeros(5)), ValueError, ["bias", "[5]", "[6]"]),
+    (lambda x, w, a, s, b: (x.half(), w, a, s, b), TypeError, ["x", "float16", "float32"]),
+    (lambda x, w, a, s, b: (x, w, a, s, b.to("meta")), ValueError, ["bias on meta", "x on cpu"]),
+    (lambda x, w, a, s, b: (x, w, a, 0.5, b), TypeError, ["cross_modal_scale", "float"]),
+    (lambda x, w, a, s, b: (x, w[0], a[0], s, b), ValueError, ["weight", "2-D"]),
+    (lambda x, w, a, s, b: (x.long(), w.long(), a.long(), s, None), TypeError, ["floating-point", "int64"]),
+])
+def test_bad_input_errors_name_both_sides(change, exc, words):
+    with pytest.raises(exc) as info:
+        cross_modal_linear(*change(*_good()))
+    for word in words:
+        assert word in str(info.value), (word, str(info.value))
+
+
+def test_unknown_backend_is_an_error():
+    with pytest.raises(ValueError, match="unknown m2pt_kernels backend 'fast'"):
+        with use_backend("fast"):
+            pass
+
+
+def test_env_var_selects_backend(monkeypatch):
+    monkeypatch.setenv("M2PT_BACKEND", "reference")
+    assert _dispatch.requested_backend() == "reference"
+    monkeypatch.setenv("M2PT_BACKEND", "nope")
+    with pytest.raises(ValueError, match="M2PT_BACKEND"):
+        cross_modal_linear(*_good())
+    with use_backend("reference"):  # the context manager wins over the environment
+        assert _dispatch.requested_backend() == "reference"
+
+
+def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
+    status = dict(_dispatch.backend_status())
+    status["cuda"] = (False, "pretend: not built")
+    monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
+        with use_backend("cuda"):
+            pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_fused_backend_refuses_cpu_tensors_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(RuntimeError, match="triton"):
+        _dispatch.resolve(torch.randn(2, 2), "triton")
+
+
+def test_auto_is_reference_on_cpu_and_listed_backends():
+    assert _dispatch.resolve(torch.randn(2, 2), "auto") == ("reference" if DEVICE == "cpu" else _dispatch.resolve(torch.randn(2, 2, device="cuda"), "auto"))
+    assert "reference" in m2pt_kernels.available_backends()
+    assert set(m2pt_kernels.backend_status()) == {"reference", "triton", "cuda"}
+
+
+def test_import_needs_only_torch():
+    """import m2pt_kernels must not import triton or the compiled extension."""
+    import subprocess
+    import sys
+    code = ("import sys, m2pt_kernels; "
+            "bad = [m for m in ('triton', 'm2pt_kernels._C', 'timm', 'sklearn', 'matplotlib') if m in sys.modules]; "
+            "assert not bad, bad")
+    env = {k: v for k, v in os.environ.items() if k != "M2PT_BACKEND"}
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
