@@ -1,0 +1,203 @@
+"""m2pt_kernels.models: tokenizer shapes, FPS / kNN against brute force, point-order invariance,
+and pathways from a model of one modality into a model of another through the shared block names."""
+import importlib.util
+
+import pytest
+import torch
+
+from m2pt_kernels.models import (AudioPatchEmbed, ImagePatchEmbed, PointCloudEmbed, VideoTubeletEmbed,
+                                 VisionTransformer, farthest_point_sample, group_points, knn_indices,
+                                 vit_for_audio, vit_for_images, vit_for_point_clouds, vit_for_video)
+
+D, DEPTH, HEADS = 32, 2, 4
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+def _small(kind: str, num_classes: int = 5) -> VisionTransformer:
+    common = dict(embed_dim=D, depth=DEPTH, num_heads=HEADS, mlp_ratio=2.0, num_classes=num_classes)
+    if kind == "image":
+        return vit_for_images(img_size=(16, 12), patch_size=4, in_chans=3, **common)
+    if kind == "audio":
+        return vit_for_audio(n_freq=20, n_time=36, patch_size=8, stride=6, **common)
+    if kind == "video":
+        return vit_for_video(num_frames=4, img_size=8, patch_size=4, tubelet_size=2, in_chans=3, **common)
+    return vit_for_point_clouds(num_groups=8, group_size=6, hidden=16, **common)
+
+
+INPUTS = {
+    "image": (lambda b: torch.randn(b, 3, 16, 12), 4 * 3),
+    "audio": (lambda b: torch.randn(b, 1, 20, 36), 3 * 5),  # (20-8)//6+1=3, (36-8)//6+1=5
+    "video": (lambda b: torch.randn(b, 3, 4, 8, 8), 2 * 2 * 2),
+    "point_cloud": (lambda b: torch.randn(b, 50, 3), 8),
+}
+
+
+@pytest.mark.parametrize("kind", ["image", "audio", "video", "point_cloud"])
+def test_tokenizer_and_model_shapes(kind):
+    model = _small(kind)
+    make, n_tokens = INPUTS[kind]
+    x = make(3)
+    tokens = model.tokenizer(x)
+    assert tokens.shape == (3, n_tokens, D)
+    assert model.tokenizer.num_tokens == n_tokens
+    assert model.forward_features(x).shape == (3, n_tokens + 1, D)
+    out = model(x)
+    assert out.shape == (3, 5) and torch.isfinite(out).all()
+    out.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+    names = dict(model.named_modules())
+    for i in range(DEPTH):
+        for lin in BLOCK_LINEARS:
+            assert isinstance(names[f"blocks.{i}.{lin}"], torch.nn.Linear)
+    assert {"norm", "head", "blocks.0.norm1", "blocks.0.norm2"} <= names.keys()
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match=r"ImagePatchEmbed expects images of shape \['B', 3, 16, 12\], got \[2, 3, 16, 16\]"):
+        _small("image")(torch.randn(2, 3, 16, 16))
+    with pytest.raises(ValueError, match="PointCloudEmbed"):
+        _small("point_cloud")(torch.randn(2, 50, 2))
+    with pytest.raises(ValueError, match="at least"):
+        _small("point_cloud")(torch.randn(2, 5, 3))
+    with pytest.raises(ValueError, match="embed_dim"):
+        VisionTransformer(ImagePatchEmbed(8, 4, 3, 16), embed_dim=32, depth=1, num_heads=4)
+    with pytest.raises(ValueError, match="multiple"):
+        ImagePatchEmbed(10, 4, 3, 16)
+    with pytest.raises(ValueError, match="stride"):
+        AudioPatchEmbed(20, 20, 4, 6, 16)
+    with pytest.raises(ValueError, match="multiples"):
+        VideoTubeletEmbed(3, 8, 4, 2, 3, 16)
+
+
+def _fps_brute(points, m, start):
+    """One cloud, plain Python: the textbook greedy farthest-point sampling."""
+    pts = points.double().tolist()
+    d2 = lambda a, b: sum((u - v) ** 2 for u, v in zip(a, b))  # noqa: E731
+    chosen = [start]
+    while len(chosen) < m:
+        best, best_d = None, -1.0
+        for j, p in enumerate(pts):
+            d = min(d2(p, pts[c]) for c in chosen)
+            if d > best_d:  # strict: ties go to the lowest index
+                best, best_d = j, d
+        chosen.append(best)
+    return chosen
+
+
+@pytest.mark.parametrize("start", ["farthest", 0, 7])
+def test_fps_matches_brute_force(start):
+    pts = torch.randn(3, 40, 3) * torch.tensor([1.0, 2.0, 0.5])
+    idx = farthest_point_sample(pts, 12, start=start)
+    assert idx.shape == (3, 12)
+    for b in range(3):
+        if start == "farthest":
+            c = pts[b].double().mean(0)
+            s = int(((pts[b].double() - c) ** 2).sum(-1).argmax())
+        else:
+            s = start
+        assert idx[b].tolist() == _fps_brute(pts[b], 12, s)
+        assert len(set(idx[b].tolist())) == 12
+
+
+def test_fps_spreads_points():
+    # two tight clusters far apart: FPS must take a point from each before a second from either
+    a = torch.randn(1, 30, 3) * 0.01
+    b = torch.randn(1, 30, 3) * 0.01 + 10.0
+    idx = farthest_point_sample(torch.cat([a, b], 1), 2, start=0)[0].tolist()
+    assert (idx[0] < 30) != (idx[1] < 30)
+    # the minimum pairwise distance of FPS samples is at least that of the first m points
+    pts = torch.rand(2, 200, 3)
+    sel = pts[torch.arange(2)[:, None], farthest_point_sample(pts, 16)]
+    first = pts[:, :16]
+    mind = lambda s: (torch.cdist(s, s) + 1e9 * torch.eye(16)).amin(dim=(1, 2))  # noqa: E731
+    assert (mind(sel) > mind(first)).all()
+
+
+def test_fps_bad_args():
+    with pytest.raises(ValueError, match="num_samples"):
+        farthest_point_sample(torch.randn(1, 5, 3), 6)
+    with pytest.raises(ValueError, match="start"):
+        farthest_point_sample(torch.randn(1, 5, 3), 2, start=9)
+    with pytest.raises(ValueError, match=r"\[B, P, 3\]"):
+        farthest_point_sample(torch.randn(5, 3), 2)
+
+
+def test_knn_matches_brute_force():
+    q, p = torch.randn(2, 7, 3), torch.randn(2, 33, 3)
+    idx = knn_indices(q, p, 5)
+    assert idx.shape == (2, 7, 5)
+    for b in range(2):
+        for i in range(7):
+            d = [float(((q[b, i].double() - p[b, j].double()) ** 2).sum()) for j in range(33)]
+            expected = sorted(range(33), key=lambda j: d[j])[:5]
+            assert set(idx[b, i].tolist()) == set(expected)
+            got_d = [d[j] for j in idx[b, i].tolist()]
+            assert got_d == sorted(got_d)
+
+
+def test_group_points_are_relative_neighbourhoods():
+    pts = torch.randn(2, 30, 3)
+    centers, groups = group_points(pts, 4, 5, start=0)
+    assert centers.shape == (2, 4, 3) and groups.shape == (2, 4, 5, 3)
+    assert torch.equal(centers[:, 0], pts[:, 0])
+    assert torch.allclose(groups[:, :, 0], torch.zeros(2, 4, 3))  # nearest neighbour of a center is itself
+
+
+def test_point_tokenizer_is_invariant_to_point_order():
+    torch.manual_seed(0)
+    tok = PointCloudEmbed(num_groups=8, group_size=6, embed_dim=D, hidden=16, fps_start="farthest").eval()
+    pts = torch.randn(2, 64, 3)
+    perm = torch.randperm(64)
+    with torch.no_grad():
+        a, b = tok(pts), tok(pts[:, perm])
+    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+    # with a fixed start index the centers depend on which point comes first
+    tok0 = PointCloudEmbed(num_groups=8, group_size=6, embed_dim=D, hidden=16, fps_start=0).eval()
+    tok0.load_state_dict(tok.state_dict())
+    with torch.no_grad():
+        c, d = tok0(pts), tok0(pts[:, perm])
+    assert not torch.allclose(c, d, atol=1e-3)
+
+
+def test_model_is_deterministic_and_batch_independent():
+    model = _small("point_cloud").eval()
+    x = torch.randn(4, 50, 3)
+    with torch.no_grad():
+        full = model(x)
+        single = torch.cat([model(x[i:i + 1]) for i in range(4)])
+    assert torch.allclose(full, single, atol=1e-5)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("m2pt_kernels.pathways") is None,
+                    reason="m2pt_kernels.pathways not in the tree yet")
+def test_point_cloud_aux_gives_pathways_to_image_target():
+    from m2pt_kernels.layers import FusedCrossModalLinear
+    from m2pt_kernels.pathways import add_pathways, merge_pathways
+
+    target, aux = _small("image"), _small("point_cloud", num_classes=3)
+    x = torch.randn(2, 3, 16, 12)
+    with torch.no_grad():
+        before = target(x)
+    returned = add_pathways(target, aux)
+    assert returned is target
+    names = dict(target.named_modules())
+    aux_names = dict(aux.named_modules())
+    for i in range(DEPTH):
+        for lin in BLOCK_LINEARS:
+            layer = names[f"blocks.{i}.{lin}"]
+            assert isinstance(layer, FusedCrossModalLinear), f"blocks.{i}.{lin} is {type(layer).__name__}"
+            assert torch.equal(layer.aux_weight, aux_names[f"blocks.{i}.{lin}"].weight)
+    assert type(names["head"]) is torch.nn.Linear
+    assert not any(isinstance(m, FusedCrossModalLinear) for n, m in names.items() if n.startswith("tokenizer"))
+    with torch.no_grad():
+        assert torch.allclose(target(x), before, atol=1e-6)  # λ = 0: unchanged
+        for n, p in target.named_parameters():
+            if n.endswith("cross_modal_scale"):
+                p.fill_(0.3)
+        with_pathways = target(x)
+    merge_pathways(target)
+    assert not any(isinstance(m, FusedCrossModalLinear) for m in target.modules())
+    with torch.no_grad():
+        assert torch.allclose(target(x), with_pathways, atol=1e-5)
+    plain = _small("image")
+    plain.load_state_dict(target.state_dict(), strict=True)
