@@ -105,22 +105,31 @@ def requested_backend() -> str:
     return "auto"
 
 
+def _usable(name: str) -> bool:
+    """``backend_status()[name][0]``; under torch.compile evaluated once at trace time (it imports
+    modules, which dynamo will not trace) and baked into the graph as a constant."""
+    return backend_status()[name][0]
+
+
+# What torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it
+# triton) when m2pt_kernels is imported.
+_usable._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """The concrete backend that will compute the op for input ``x``; errors say why one can't."""
     name = requested_backend() if requested is None else _check_name(requested, "argument")
     on_cuda = x.device.type == "cuda"
     if name == "auto":
         if on_cuda:
-            status = backend_status()
             for fused in ("triton", "cuda"):
-                if status[fused][0] and x.dtype in FUSED_DTYPES[fused]:
+                if x.dtype in FUSED_DTYPES[fused] and _usable(fused):
                     return fused
         return "reference"
     if name == "reference":
         return name
-    ok, why = backend_status()[name]
-    if not ok:
-        raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
+    if not _usable(name):
+        raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {backend_status()[name][1]}")
     if name == "triton" and not (on_cuda or (x.device.type == "cpu" and triton_interpret())):
         raise RuntimeError(
             f"m2pt_kernels backend 'triton' needs CUDA tensors, got tensors on {x.device} "
