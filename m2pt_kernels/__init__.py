@@ -4,6 +4,9 @@
 """
 from ._dispatch import available_backends, backend_status, use_backend
 from .ops.cross_modal_linear import cross_modal_linear
+from .layers import FusedCrossModalLinear
+from .pathways import (PathwayConfig, add_pathways, mark_only_scales_trainable, merge_pathways,
+                       reparameterize_aux_into_target_model)
 
 __version__ = "0.1.0"
 
@@ -13,4 +16,10 @@ __all__ = [
     "backend_status",
     "cross_modal_linear",
     "use_backend",
+    "FusedCrossModalLinear",
+    "PathwayConfig",
+    "add_pathways",
+    "merge_pathways",
+    "mark_only_scales_trainable",
+    "reparameterize_aux_into_target_model",
 ]

@@ -1,0 +1,304 @@
+"""``FusedCrossModalLinear``: the drop-in layer of the Multimodal Pathway method.
+
+``y = x · (W + λ·W')ᵀ + b`` (the math and every gradient: ``m2pt_kernels.ops.cross_modal_linear``).
+
+Design decisions (each one is something a user can rely on):
+
+- It subclasses ``nn.Module``, not ``nn.Linear``: code that selects layers by type
+  (``isinstance(m, nn.Linear)``: weight-decay groups, LoRA/PEFT targeting, quantizers,
+  ``add_pathways`` itself) must not mistake a pathway layer for a plain linear layer whose
+  ``forward`` it could reproduce from ``weight`` and ``bias`` alone. It still exposes
+  ``in_features``, ``out_features``, ``weight`` and ``bias`` like ``nn.Linear``.
+- State-dict keys are the paper's (``weight``, ``bias``, ``aux_weight``, ``cross_modal_scale``), so
+  checkpoints of the paper's ``CrossModalReparamLinear`` load into it and back.
+- A trainable auxiliary weight is a Parameter; a frozen one is a persistent buffer: it is saved and
+  moved with the module but never handed to an optimizer.
+- λ (``cross_modal_scale``) stays fp32 (or fp64) when the module is cast with ``.to(bfloat16)``,
+  ``.half()`` and the like: a bf16 λ near 0 cannot learn small steps.
+- ``from_linear`` reuses the target layer's ``weight`` / ``bias`` Parameter objects (an optimizer
+  built before the conversion keeps updating the right tensors); the auxiliary weight is always
+  copied (the auxiliary model is never modified or aliased) and cast to W's dtype and device.
+- Training runs the fused op ``m2pt_kernels.cross_modal_linear``. When no gradient can reach W, W',
+  λ or b (``torch.no_grad()`` / ``inference_mode()``, or none of them requires grad), it runs one
+  plain GEMM (``F.linear``) on the merged weight ``W + λ·W'``, computed in fp32 and cast once. In
+  ``eval()`` mode that weight is cached until W, W' or λ change: tracked by tensor identity,
+  storage pointer, dtype, device and the autograd version counter (which every in-place op and
+  optimizer step bumps), and dropped on ``.to()``/``.cuda()``/..., ``load_state_dict`` and
+  ``train()``/``eval()``. In-place writes through ``tensor.data`` (``p.data.fill_(...)``) bypass
+  version counters: after those call ``clear_merged_cache()``, or write under ``torch.no_grad()``.
+  ``cache_merged_weight = False`` turns the cache off (it costs one weight-sized tensor per layer).
+- Under ``torch.compile`` the layer always calls the fused op (registered with ``torch.library``),
+  so ``fullgraph=True`` traces it without graph breaks; the Python-side cache is never traced.
+- ``merge()`` returns a plain ``nn.Linear`` holding ``W + λ·W'`` (fp32 math, one cast to W's dtype)
+  and a copy of the target's bias; the auxiliary model's bias is never used, as in the paper.
+"""
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .ops.cross_modal_linear import check_inputs, cross_modal_linear
+from .ops.cross_modal_linear_reference import merged_weight
+
+__all__ = ["FusedCrossModalLinear"]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _scale_dtype(requested: torch.dtype) -> torch.dtype:
+    """λ's dtype after a cast to ``requested``: never below fp32."""
+    if requested.is_floating_point:
+        return torch.promote_types(requested, torch.float32)
+    return requested
+
+
+def _is_compiling() -> bool:
+    compiler = getattr(torch, "compiler", None)
+    if compiler is not None and hasattr(compiler, "is_compiling"):
+        return compiler.is_compiling()
+    return False
+
+
+def _tensor_key(t: Tensor):
+    """What identifies the *contents* of ``t`` for the merged-weight cache."""
+    return (weakref.ref(t), t.data_ptr(), t._version, t.dtype, t.device, tuple(t.shape))
+
+
+def _same_tensor(key, t: Tensor) -> bool:
+    ref, ptr, version, dtype, device, shape = key
+    return (ref() is t and ptr == t.data_ptr() and version == t._version and dtype == t.dtype
+            and device == t.device and shape == tuple(t.shape))
+
+
+class FusedCrossModalLinear(nn.Module):
+    """Linear layer with a cross-modal pathway: ``y = x · (W + λ·W')ᵀ + b``.
+
+    Args:
+        in_features, out_features, bias: as for ``nn.Linear``.
+        aux_weight: the auxiliary model's weight W' ([out_features, in_features]); copied, cast to
+            this layer's dtype and device. ``None`` holds zeros, to be filled by ``load_state_dict``.
+        aux_trainable: W' is a Parameter (True) or a frozen persistent buffer (False).
+        scale_init: initial λ (the paper uses 0, so the layer starts as the target layer).
+        per_channel_scale: λ of shape [out_features] instead of [1].
+
+    Create one from an existing layer with ``FusedCrossModalLinear.from_linear(linear, aux)``.
+    """
+
+    cache_merged_weight: bool = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        aux_weight: Optional[Tensor] = None,
+        aux_trainable: bool = True,
+        scale_init: float = 0.0,
+        per_channel_scale: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+        if aux_weight is None:
+            aux = torch.zeros_like(self.weight, requires_grad=False)
+        else:
+            aux = self._copy_aux(aux_weight, self.weight, "aux_weight")
+        self._set_aux(aux, aux_trainable)
+        self.cross_modal_scale = nn.Parameter(self._new_scale(scale_init, per_channel_scale, self.weight.device))
+        self._cache: Optional[tuple] = None
+
+    # ------------------------------------------------------------------ construction helpers
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization of W and b (W' and λ are left alone)."""
+        if self.weight.device.type == "meta":
+            return
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    def _new_scale(self, scale_init: float, per_channel: bool, device) -> Tensor:
+        n = self.out_features if per_channel else 1
+        return torch.full((n,), float(scale_init), dtype=torch.float32, device=device)
+
+    @staticmethod
+    def _copy_aux(aux: Tensor, like: Tensor, what: str) -> Tensor:
+        if not isinstance(aux, Tensor):
+            raise TypeError(f"FusedCrossModalLinear: {what} must be a torch.Tensor or an nn.Linear, "
+                            f"got {type(aux).__name__}")
+        if tuple(aux.shape) != tuple(like.shape):
+            raise ValueError(
+                f"FusedCrossModalLinear: the target weight has shape {list(like.shape)} but {what} has "
+                f"shape {list(aux.shape)}; the auxiliary layer must have the target layer's shape "
+                "[out_features, in_features]")
+        if not aux.is_floating_point():
+            raise TypeError(f"FusedCrossModalLinear: {what} must be floating point, got {_dtype_name(aux.dtype)}")
+        # Always a fresh copy: the auxiliary model is never modified nor aliased.
+        return aux.detach().to(device=like.device, dtype=like.dtype, copy=True)
+
+    def _set_aux(self, aux: Tensor, trainable: bool) -> None:
+        if trainable:
+            self.aux_weight = nn.Parameter(aux, requires_grad=True)
+        else:
+            self.register_buffer("aux_weight", aux, persistent=True)
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Module,
+        aux: Union[nn.Module, Tensor],
+        *,
+        aux_trainable: bool = True,
+        scale_init: float = 0.0,
+        per_channel_scale: bool = False,
+    ) -> "FusedCrossModalLinear":
+        """The pathway layer for ``linear`` with the auxiliary weight of ``aux``.
+
+        ``linear``'s ``weight`` and ``bias`` Parameter objects are reused (not copied), so an
+        optimizer that already holds them stays valid; ``aux`` (an ``nn.Linear`` or a weight tensor)
+        is copied and cast to ``linear.weight``'s dtype and device. Bias-free layers work.
+        """
+        weight = getattr(linear, "weight", None)
+        if not isinstance(linear, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(f"FusedCrossModalLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if isinstance(linear, FusedCrossModalLinear):
+            raise ValueError("FusedCrossModalLinear.from_linear: this layer already has a pathway "
+                             "(it is a FusedCrossModalLinear); merge() it first")
+        aux_w = aux.weight if isinstance(aux, nn.Module) else aux
+        if isinstance(aux, nn.Module) and not isinstance(aux_w, Tensor):
+            raise TypeError(f"FusedCrossModalLinear.from_linear: aux {type(aux).__name__} has no weight tensor")
+        bias = getattr(linear, "bias", None)
+        layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, aux_trainable=aux_trainable,
+                    scale_init=scale_init, per_channel_scale=per_channel_scale, device="meta", dtype=weight.dtype)
+        aux_copy = cls._copy_aux(aux_w, weight, "the auxiliary weight")
+        layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach())
+        if bias is not None:
+            layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
+        del layer.aux_weight
+        layer._set_aux(aux_copy, aux_trainable)
+        layer.cross_modal_scale = nn.Parameter(layer._new_scale(scale_init, per_channel_scale, weight.device))
+        layer.train(linear.training)
+        return layer
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def aux_trainable(self) -> bool:
+        return isinstance(self.aux_weight, nn.Parameter)
+
+    @property
+    def per_channel_scale(self) -> bool:
+        return self.cross_modal_scale.numel() > 1
+
+    # ------------------------------------------------------------------ the merged-weight cache
+    def clear_merged_cache(self) -> None:
+        """Drop the cached ``W + λ·W'`` (needed only after in-place writes through ``tensor.data``)."""
+        self._cache = None
+
+    def _merged_for_inference(self, dtype: torch.dtype) -> Tensor:
+        srcs = (self.weight, self.aux_weight, self.cross_modal_scale)
+        cache = self._cache
+        if (cache is not None and cache[0] == dtype and all(_same_tensor(k, t) for k, t in zip(cache[1], srcs))
+                and not (cache[2].is_inference() and not torch.is_inference_mode_enabled())):
+            return cache[2]
+        with torch.no_grad():
+            merged = merged_weight(self.weight, self.aux_weight, self.cross_modal_scale, dtype)
+        if self.cache_merged_weight and not self.training:
+            self._cache = (dtype, tuple(_tensor_key(t) for t in srcs), merged)
+        return merged
+
+    def _needs_param_grad(self) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(t is not None and t.requires_grad
+                   for t in (self.weight, self.aux_weight, self.cross_modal_scale, self.bias))
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, x: Tensor) -> Tensor:
+        if _is_compiling() or self._needs_param_grad():
+            return cross_modal_linear(x, self.weight, self.aux_weight, self.cross_modal_scale, self.bias)
+        # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight.
+        device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+        if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+        else:
+            check_inputs(x, self.weight, self.aux_weight, self.cross_modal_scale, self.bias,
+                         where=type(self).__name__)
+            dtype = self.weight.dtype
+        return F.linear(x, self._merged_for_inference(dtype), self.bias)
+
+    # ------------------------------------------------------------------ merge
+    def merged_weight(self) -> Tensor:
+        """``W + λ·W'`` computed in fp32 (fp64 for fp64 weights) and cast once to W's dtype (detached)."""
+        with torch.no_grad():
+            return merged_weight(self.weight, self.aux_weight, self.cross_modal_scale, self.weight.dtype)
+
+    def merge(self) -> nn.Linear:
+        """A plain ``nn.Linear`` computing the same function: weight ``W + λ·W'``, the target's bias."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device="meta", dtype=self.weight.dtype)
+        linear.weight = nn.Parameter(self.merged_weight(), requires_grad=self.weight.requires_grad)
+        if self.bias is not None:
+            linear.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        linear.train(self.training)
+        return linear
+
+    # ------------------------------------------------------------------ dtype/device moves, loading
+    def _apply(self, fn, recurse=True):
+        # Keep λ (and its grad) at fp32 or wider under .to(bf16)/.half(): apply the cast to learn the
+        # target device/dtype, then move the original values there in fp32 (no rounding through bf16).
+        scale = self._parameters.get("cross_modal_scale")
+        grad = scale.grad if scale is not None else None
+
+        def keep_scale_fp32(t):
+            out = fn(t)
+            if (t is scale or (grad is not None and t is grad)) and isinstance(out, Tensor) \
+                    and out.is_floating_point():
+                want = _scale_dtype(out.dtype)
+                if out.dtype != want:
+                    out = t.detach().to(device=out.device, dtype=want)
+            return out
+
+        self._cache = None
+        return super()._apply(keep_scale_fp32, recurse)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._cache = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def train(self, mode: bool = True):
+        self._cache = None
+        return super().train(mode)
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state["_cache"] = None  # weakrefs do not pickle / deepcopy
+        return state
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}",
+                 f"bias={self.bias is not None}",
+                 f"aux={'trainable' if self.aux_trainable else 'frozen'}"]
+        scale = self.cross_modal_scale
+        if scale.numel() == 1 and scale.device.type != "meta":
+            parts.append(f"scale={float(scale.detach().float().cpu()[0]):.4g}")
+        else:
+            parts.append(f"scale=per-channel[{scale.numel()}]")
+        return ", ".join(parts)

@@ -1,0 +1,598 @@
+"""Whole-model tools: add multimodal pathways to a model, merge them away, load and save checkpoints.
+
+Every function that changes a model does it in place and also returns the model, so both
+``add_pathways(model, aux)`` and ``model = add_pathways(model, aux)`` are right.
+
+Layers are paired by qualified name (``blocks.3.attn.qkv`` of the target takes the auxiliary
+model's ``blocks.3.attn.qkv.weight``), never by position. The auxiliary model's tokenizer and head
+may differ from the target's: only the matched layers need a partner of the same shape.
+
+Which layers (``PathwayConfig.target_modules``):
+
+- ``None``: a preset chosen by the model family (the preset matching the most ``nn.Linear``
+  layers): see ``PRESETS``.
+- a list of names or suffixes: ``"attn.qkv"`` matches ``blocks.3.attn.qkv`` (at a dot boundary,
+  so it does not match ``blocks.3.xattn.qkv``); a full name matches only itself.
+- a string: a regular expression matched against the whole qualified name
+  (``r"blocks\\.(0|1)\\.mlp\\.fc\\d"``), or the name of a preset (``"timm_vit"``).
+
+``exclude_modules`` (default ``("head",)``) removes a module and everything under it, matching
+contiguous dotted components anywhere in the name (``"head"`` excludes ``head`` and ``head.fc``).
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import logging
+import os
+import re
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import FusedCrossModalLinear
+from .ops.cross_modal_linear_reference import merged_weight
+
+__all__ = [
+    "PRESETS",
+    "PathwayConfig",
+    "add_pathways",
+    "merge_pathways",
+    "mark_only_scales_trainable",
+    "reparameterize_aux_into_target_model",
+    "load_checkpoint",
+    "save_checkpoint",
+    "merge_state_dict",
+    "is_pathway_state_dict",
+]
+
+logger = logging.getLogger("m2pt_kernels")
+
+# Layer-name presets by model family (suffixes at a dot boundary).
+PRESETS: Dict[str, Tuple[str, ...]] = {
+    # timm VisionTransformer (and m2pt_kernels.models, which uses timm's block names)
+    "timm_vit": ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+    # Hugging Face ViT, transformers >= 5 (ViTAttention.q_proj/k_proj/v_proj/o_proj, ViTMLP.fc1/fc2,
+    # under ``layers.<i>``)
+    "hf_vit": ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+               "mlp.fc1", "mlp.fc2"),
+    # Hugging Face ViT, transformers 4.x (``encoder.layer.<i>``: ViTSelfAttention.query/key/value,
+    # ViTSelfOutput.dense, ViTIntermediate.dense, ViTOutput.dense)
+    "hf_vit_legacy": ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                      "attention.output.dense", "intermediate.dense", "output.dense"),
+}
+
+_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+_WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")
+_KEY_PREFIXES = ("module.", "_orig_mod.")
+_NO_PATHWAYS = ("this checkpoint has no pathways (no *.aux_weight / *.cross_modal_scale keys): "
+                "it is already merged or a plain model")
+
+AuxSource = Union[nn.Module, Mapping[str, Tensor], str, "os.PathLike[str]"]
+
+
+@dataclass
+class PathwayConfig:
+    """Which layers get a pathway, and how each pathway layer is built.
+
+    target_modules: ``None`` (preset by model family), a list of names/suffixes, or a regex string
+        (or a preset name) matched against the full qualified name.
+    exclude_modules: names whose modules (and everything under them) never get a pathway.
+    aux_trainable: W' is trained (Parameter) or frozen (persistent buffer).
+    scale_init: initial λ (0: the converted model computes exactly what the target did).
+    per_channel_scale: one λ per output channel ([out_features]) instead of one per layer ([1]).
+    """
+
+    target_modules: Optional[Union[str, Sequence[str]]] = None
+    exclude_modules: Union[str, Sequence[str]] = ("head",)
+    aux_trainable: bool = True
+    scale_init: float = 0.0
+    per_channel_scale: bool = False
+
+
+# ---------------------------------------------------------------------------- name matching
+def _suffix_match(name: str, pattern: str) -> bool:
+    return name == pattern or name.endswith("." + pattern)
+
+
+def _component_match(name: str, pattern: str) -> bool:
+    """``pattern``'s dotted components appear contiguously in ``name`` (module or anything under it)."""
+    return ("." + name + ".").find("." + pattern + ".") >= 0
+
+
+def _matches_target(name: str, spec: Union[str, Sequence[str]]) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None
+    return any(_suffix_match(name, p) for p in spec)
+
+
+def _excluded(name: str, spec: Union[str, Sequence[str], None]) -> bool:
+    if not spec:
+        return False
+    if isinstance(spec, str):
+        return re.fullmatch(spec, name) is not None or any(
+            re.fullmatch(spec, ".".join(name.split(".")[:i])) for i in range(1, name.count(".") + 1))
+    return any(_component_match(name, p) for p in spec)
+
+
+def _is_pathway_module(m: nn.Module) -> bool:
+    """Ours, or the paper's ``CrossModalReparamLinear`` (any layer holding W, W' and λ)."""
+    if isinstance(m, FusedCrossModalLinear):
+        return True
+    return (isinstance(getattr(m, "weight", None), Tensor) and isinstance(getattr(m, "aux_weight", None), Tensor)
+            and isinstance(getattr(m, "cross_modal_scale", None), Tensor))
+
+
+def _check_spec(spec, what: str):
+    if spec is None or isinstance(spec, str):
+        return spec
+    if isinstance(spec, Iterable):
+        spec = tuple(spec)
+        bad = [p for p in spec if not isinstance(p, str) or not p]
+        if not bad:
+            return spec
+    raise TypeError(f"PathwayConfig.{what} must be None, a regex string or a list of non-empty names, got {spec!r}")
+
+
+def _linear_names(model: nn.Module) -> List[str]:
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_pathway_module(m)]
+
+
+def _select(model: nn.Module, config: PathwayConfig) -> Tuple[List[str], str]:
+    """Qualified names of the modules that get a pathway, and a description of how they were chosen."""
+    target = _check_spec(config.target_modules, "target_modules")
+    exclude = _check_spec(config.exclude_modules, "exclude_modules")
+    names = [n for n, _ in model.named_modules() if n]
+    if isinstance(target, str) and target in PRESETS:
+        target, how = PRESETS[target], f"preset {target!r}"
+    elif target is None:
+        linears = [n for n in _linear_names(model) if not _excluded(n, exclude)]
+        counts = {p: sum(_matches_target(n, suf) for n in linears) for p, suf in PRESETS.items()}
+        best = max(PRESETS, key=lambda p: counts[p])  # ties: the first preset in PRESETS order
+        if counts[best] == 0:
+            raise ValueError(_no_match_message(model, None, exclude))
+        target, how = PRESETS[best], f"preset {best!r}"
+    else:
+        how = f"regex {target!r}" if isinstance(target, str) else f"names {list(target)}"
+    selected = [n for n in names if _matches_target(n, target) and not _excluded(n, exclude)]
+    if not selected:
+        raise ValueError(_no_match_message(model, target, exclude))
+    return selected, how
+
+
+def _no_match_message(model: nn.Module, target, exclude) -> str:
+    linears = _linear_names(model)
+    presets = "; ".join(f"{k}: {', '.join(v)}" for k, v in PRESETS.items())
+    if target is None:
+        head = "add_pathways: no module of this model matches a preset layer-name list"
+        wanted: List[str] = [s for v in PRESETS.values() for s in v]
+    elif isinstance(target, str):
+        head = f"add_pathways: no module name fully matches the regex {target!r}"
+        wanted = [target]
+    else:
+        head = f"add_pathways: no module matches target_modules={list(target)}"
+        wanted = list(target)
+    suffixes = sorted({".".join(n.split(".")[-2:]) for n in linears})
+    near: List[str] = []
+    for w in wanted:
+        near += difflib.get_close_matches(w, suffixes + linears, n=3, cutoff=0.4)
+    near = list(dict.fromkeys(near))[:8]
+    excl = f" (after excluding {exclude!r})" if exclude else ""
+    return (f"{head}{excl}. Nearest linear-layer names: {near or suffixes[:8] or 'none: the model has no nn.Linear'}. "
+            f"Linear-layer suffixes in the model: {suffixes[:20]}. Presets: {presets}. "
+            "Pass PathwayConfig(target_modules=[...]) with names or suffixes, or a regex string.")
+
+
+def _get_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    parent_name, _, child = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), child
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _unwrap(obj, where: str) -> Dict[str, Tensor]:
+    """Descend ``model`` / ``module`` / ``state_dict`` nesting, drop ``module.`` prefixes, keep tensors."""
+    seen = 0
+    while isinstance(obj, Mapping) and seen < 8:
+        seen += 1
+        if any(isinstance(v, Tensor) for v in obj.values()):
+            break
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        if inner is None:
+            break
+        obj = inner
+    if isinstance(obj, nn.Module):
+        obj = obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{where}: expected a state_dict (a mapping of names to tensors), got {type(obj).__name__}")
+    sd = OrderedDict((k, v) for k, v in obj.items() if isinstance(k, str) and isinstance(v, Tensor))
+    if not sd:
+        keys = list(obj.keys())[:10]
+        raise ValueError(f"{where}: no tensors found (top-level keys: {keys}); expected a state_dict, or a "
+                         f"checkpoint holding one under one of {list(_WRAPPER_KEYS)}")
+    for prefix in _KEY_PREFIXES:
+        if all(k.startswith(prefix) for k in sd):
+            sd = OrderedDict((k[len(prefix):], v) for k, v in sd.items())
+    return sd
+
+
+def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool = True) -> Dict[str, Tensor]:
+    """The state_dict in a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` file, on the CPU.
+
+    Training checkpoints are unwrapped (``{"model": sd, "optimizer": ...}``, ``{"state_dict": sd}``,
+    ``{"module": sd}``) and DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes dropped. Pickle
+    files are read with ``torch.load(weights_only=True)`` (``argparse.Namespace`` entries such as MAE's
+    ``args`` are allowed); pass ``weights_only=False`` only for files you trust.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"load_checkpoint: no such file: {path!r}")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"load_checkpoint: {path!r} is a directory; pass the checkpoint file inside it")
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(f"load_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
+                         f"supported: {', '.join(_CHECKPOINT_SUFFIXES)}")
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import load_file
+        except ImportError as exc:  # optional dependency
+            raise ImportError("load_checkpoint: reading .safetensors needs the safetensors package "
+                              "(pip install safetensors)") from exc
+        return _unwrap(load_file(path, device="cpu"), f"load_checkpoint({path!r})")
+    safe = getattr(torch.serialization, "safe_globals", None)
+    try:
+        if weights_only and safe is not None:
+            with safe([argparse.Namespace]):
+                obj = torch.load(path, map_location="cpu", weights_only=True)
+        else:
+            obj = torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as exc:
+        if weights_only and "weights_only" in str(exc):
+            raise RuntimeError(
+                f"load_checkpoint: {path!r} holds Python objects that torch.load(weights_only=True) refuses "
+                f"({str(exc).splitlines()[0][:200]}). If you trust the file, call "
+                "load_checkpoint(path, weights_only=False), or re-save only its state_dict.") from exc
+        raise RuntimeError(f"load_checkpoint: could not read {path!r} as a PyTorch checkpoint: {exc}") from exc
+    return _unwrap(obj, f"load_checkpoint({path!r})")
+
+
+def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathLike[str]"]) -> None:
+    """Write ``state_dict`` as ``.safetensors`` or with ``torch.save`` (``.pth``/``.pt``/``.bin``/``.ckpt``)."""
+    path = os.fspath(path)
+    if isinstance(state_dict, nn.Module):
+        state_dict = state_dict.state_dict()
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in _CHECKPOINT_SUFFIXES:
+        raise ValueError(f"save_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
+                         f"use one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+    bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
+    if bad:
+        raise TypeError(f"save_checkpoint: values must be tensors; not tensors: {bad[:5]}")
+    if suffix == ".safetensors":
+        try:
+            from safetensors.torch import save_file
+        except ImportError as exc:
+            raise ImportError("save_checkpoint: writing .safetensors needs the safetensors package "
+                              "(pip install safetensors)") from exc
+        out, seen = {}, set()
+        for k, v in state_dict.items():  # safetensors refuses shared or non-contiguous storage
+            t = v.detach().cpu().contiguous()
+            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+            if key in seen:
+                t = t.clone()
+            seen.add(key)
+            out[k] = t
+        save_file(out, path)
+    else:
+        torch.save(OrderedDict((k, v.detach()) for k, v in state_dict.items()), path)
+
+
+def _pathway_prefixes(state_dict: Mapping[str, Tensor]) -> List[str]:
+    prefixes = []
+    for k in state_dict:
+        for leaf in ("aux_weight", "cross_modal_scale"):
+            if k == leaf or k.endswith("." + leaf):
+                p = k[: -len(leaf)]
+                if p not in prefixes:
+                    prefixes.append(p)
+    return prefixes
+
+
+def is_pathway_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
+    """True when the state_dict has pathways (``*.aux_weight`` / ``*.cross_modal_scale`` keys)."""
+    return bool(_pathway_prefixes(state_dict))
+
+
+def merge_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
+    """Fold every ``<p>.aux_weight`` and ``<p>.cross_modal_scale`` into ``<p>.weight`` (``W + λ·W'``,
+    fp32 math, one cast to W's dtype) and drop the two keys. Works for this package's and the paper's
+    checkpoints; the input is not modified. The result loads into the unconverted architecture.
+    """
+    prefixes = _pathway_prefixes(state_dict)
+    if not prefixes:
+        raise ValueError(f"merge_state_dict: {_NO_PATHWAYS}")
+    merged: Dict[str, Tensor] = {}
+    for p in prefixes:
+        layer = p[:-1] if p else "(top level)"
+        missing = [p + k for k in ("weight", "aux_weight", "cross_modal_scale") if p + k not in state_dict]
+        if missing:
+            raise ValueError(f"merge_state_dict: layer {layer!r} is incomplete: missing {missing}")
+        w, a, s = state_dict[p + "weight"], state_dict[p + "aux_weight"], state_dict[p + "cross_modal_scale"]
+        if tuple(a.shape) != tuple(w.shape):
+            raise ValueError(f"merge_state_dict: layer {layer!r}: weight has shape {list(w.shape)} but "
+                             f"aux_weight has shape {list(a.shape)}")
+        if s.dim() != 1 or s.shape[0] not in (1, w.shape[0]):
+            raise ValueError(f"merge_state_dict: layer {layer!r}: cross_modal_scale has shape {list(s.shape)}; "
+                             f"expected [1] or [{w.shape[0]}]")
+        merged[p + "weight"] = merged_weight(w.detach(), a.detach().to(w.device), s.detach().to(w.device), w.dtype)
+    drop = {p + k for p in prefixes for k in ("aux_weight", "cross_modal_scale")}
+    return OrderedDict((k, merged.get(k, v)) for k, v in state_dict.items() if k not in drop)
+
+
+# ---------------------------------------------------------------------------- pairing with the aux model
+def _aux_state_dict(aux: AuxSource) -> Dict[str, Tensor]:
+    if isinstance(aux, nn.Module):
+        sd = aux.state_dict()
+        where = f"the auxiliary model ({type(aux).__name__})"
+    elif isinstance(aux, (str, os.PathLike)):
+        sd = load_checkpoint(aux)
+        where = f"the auxiliary checkpoint {os.fspath(aux)!r}"
+    elif isinstance(aux, Mapping):
+        sd = _unwrap(aux, "add_pathways(aux=state_dict)")
+        where = "the auxiliary state_dict"
+    else:
+        raise TypeError("add_pathways: aux must be an nn.Module, a state_dict or a path to a "
+                        f".pth/.pt/.safetensors file, got {type(aux).__name__}")
+    prefixes = _pathway_prefixes(sd)
+    if prefixes:
+        raise ValueError(
+            f"add_pathways: {where} has pathways itself ({len(prefixes)} layers with aux_weight / "
+            f"cross_modal_scale, e.g. {prefixes[0][:-1]!r}): it is an unmerged M2PT checkpoint, not a plain "
+            "model. Merge it first (m2pt_kernels.pathways.merge_state_dict or `m2pt merge IN OUT`).")
+    return sd
+
+
+def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str]:
+    """(target prefix to strip, aux prefix to add) so that target layer names find aux keys.
+
+    Exact names first; else the one prefix difference (e.g. ``vit.`` of ViTForImageClassification
+    vs ViTModel, or a wrapper's ``model.``) that makes the most target layers find their partner.
+    """
+    keys = set(aux_keys)
+    best, best_hits = ("", ""), sum((n + ".weight") in keys for n in selected)
+    if best_hits == len(selected):
+        return best
+    first = selected[0]
+    parts = first.split(".")
+    candidates = set()
+    for i in range(len(parts)):  # strip i leading components of the target name ...
+        rest = ".".join(parts[i:]) + ".weight"
+        strip = ".".join(parts[:i]) + ("." if i else "")
+        for k in keys:  # ... and add whatever the aux key has in front
+            if k == rest or k.endswith("." + rest):
+                candidates.add((strip, k[: len(k) - len(rest)]))
+    for strip, add in sorted(candidates):
+        hits = sum(n.startswith(strip) and (add + n[len(strip):] + ".weight") in keys for n in selected)
+        if hits > best_hits:
+            best, best_hits = (strip, add), hits
+    return best
+
+
+def _block_index_counts(names: Iterable[str], containers: Iterable[str]) -> Dict[str, List[int]]:
+    out: Dict[str, set] = {c: set() for c in containers}
+    for n in names:
+        for c in out:
+            pre = c + "." if c else ""
+            if n.startswith(pre):
+                head = n[len(pre):].split(".", 1)[0]
+                if head.isdigit():
+                    out[c].add(int(head))
+    return {c: sorted(v) for c, v in out.items()}
+
+
+def _container_of(name: str) -> Optional[str]:
+    """``blocks`` for ``blocks.3.attn.qkv``; ``encoder.layer`` for ``encoder.layer.3.output.dense``."""
+    parts = name.split(".")
+    for i, p in enumerate(parts):
+        if p.isdigit():
+            return ".".join(parts[:i])
+    return None
+
+
+def _span(ix: List[int]) -> str:
+    return f"{ix[0]}-{ix[-1]}" if ix else "none"
+
+
+def _check_depth(model: nn.Module, selected: List[str], aux_keys: List[str], strip: str, add: str,
+                 where: str) -> None:
+    containers = sorted({c for c in map(_container_of, selected) if c is not None})
+    if not containers:
+        return
+    target_ix = _block_index_counts([n for n, _ in model.named_modules()], containers)
+    mapped = [add + c[len(strip):] if c.startswith(strip) else c for c in containers]
+    aux_ix_by_mapped = _block_index_counts(aux_keys, mapped)
+    for c, mc in zip(containers, mapped):
+        t, a = target_ix[c], aux_ix_by_mapped[mc]
+        if len(t) != len(a):
+            deeper = "deeper" if len(a) > len(t) else "shallower"
+            shown = "" if not mc else f"{mc}."
+            raise ValueError(
+                f"add_pathways: {where} is {deeper} than the target: the target has {c}.{_span(t)} "
+                f"({len(t)} blocks) but the auxiliary model has {shown}{_span(a)} ({len(a)} blocks). Layers are "
+                "paired by name, block i with block i, so both need the same depth (the paper's code "
+                "silently pairs only the first min(depth) blocks). Use an auxiliary model of the target's depth, "
+                "or pass a state_dict holding only the blocks to pair and select them with target_modules.")
+
+
+def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfig] = None) -> nn.Module:
+    """Give every selected linear layer of ``model`` a pathway to the same-named layer of ``aux``.
+
+    ``aux``: the auxiliary ``nn.Module``, its state_dict, or a path to a ``.pth``/``.pt``/
+    ``.safetensors`` file. Its weights are copied (never modified or aliased) and cast to each target
+    layer's dtype and device. The target layers' own ``weight``/``bias`` Parameters are kept, so an
+    optimizer built earlier still holds them (it does not hold the new λ and W': build it after this
+    call, or add them). Nothing is changed when an error is raised. Returns ``model``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"add_pathways: model must be an nn.Module, got {type(model).__name__}")
+    config = PathwayConfig() if config is None else config
+    if not isinstance(config, PathwayConfig):
+        raise TypeError(f"add_pathways: config must be a PathwayConfig, got {type(config).__name__}")
+    existing = [n for n, m in model.named_modules() if _is_pathway_module(m)]
+    if existing:
+        raise ValueError(
+            f"add_pathways: this model already has pathways ({len(existing)} layers, e.g. {existing[0] or '(root)'!r}); "
+            "pathways cannot be added twice. Call merge_pathways(model) first to fold them in, or start "
+            "from the plain model.")
+    aux_sd = _aux_state_dict(aux)
+    where = f"the auxiliary model ({type(aux).__name__})" if isinstance(aux, nn.Module) else "the auxiliary weights"
+    selected, how = _select(model, config)
+    modules = dict(model.named_modules())
+    for name in selected:
+        m = modules[name]
+        if not isinstance(m, nn.Linear):
+            raise TypeError(f"add_pathways: {name!r} matches {how} but is a {type(m).__name__}, not an nn.Linear; "
+                            "narrow target_modules (or exclude_modules) to linear layers")
+        parent, _ = _get_parent(model, name)
+        if isinstance(parent, nn.MultiheadAttention):
+            raise TypeError(f"add_pathways: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
+                            "weight directly instead of calling it; a pathway there would be ignored. Exclude it.")
+    aux_keys = list(aux_sd)
+    strip, add = _align_names(selected, aux_keys)
+    _check_depth(model, selected, aux_keys, strip, add, where)
+    pairs = []
+    for name in selected:
+        target = modules[name]
+        key = (add + name[len(strip):] if name.startswith(strip) else name) + ".weight"
+        if key not in aux_sd:
+            near = difflib.get_close_matches(key, aux_keys, n=3, cutoff=0.5)
+            raise ValueError(f"add_pathways: target layer {name!r} has no partner in {where}: key {key!r} not "
+                             f"found (nearest aux keys: {near or aux_keys[:5]})")
+        aux_w = aux_sd[key]
+        if tuple(aux_w.shape) != tuple(target.weight.shape):
+            raise ValueError(f"add_pathways: layer {name!r}: the target weight has shape {list(target.weight.shape)} "
+                             f"but the auxiliary {key!r} has shape {list(aux_w.shape)}; paired layers need equal "
+                             "shapes (is the auxiliary model of the same width/size?)")
+        if not aux_w.is_floating_point():
+            raise TypeError(f"add_pathways: the auxiliary {key!r} is {aux_w.dtype}, not floating point")
+        pairs.append((name, target, aux_w))
+    for name, target, aux_w in pairs:
+        layer = FusedCrossModalLinear.from_linear(
+            target, aux_w, aux_trainable=config.aux_trainable, scale_init=config.scale_init,
+            per_channel_scale=config.per_channel_scale)
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, layer)
+    logger.info("add_pathways: %d pathways (%s)%s", len(pairs), how,
+                f", aux names mapped {strip!r} -> {add!r}" if (strip or add) else "")
+    return model
+
+
+def _merge_module(m: nn.Module) -> nn.Linear:
+    if isinstance(m, FusedCrossModalLinear):
+        return m.merge()
+    # the paper's CrossModalReparamLinear (or a compatible layer)
+    w = m.weight
+    bias = getattr(m, "bias", None)
+    linear = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device="meta", dtype=w.dtype)
+    with torch.no_grad():
+        linear.weight = nn.Parameter(merged_weight(w, m.aux_weight, m.cross_modal_scale, w.dtype),
+                                     requires_grad=w.requires_grad)
+        if bias is not None:
+            linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    linear.train(m.training)
+    return linear
+
+
+def merge_pathways(model: nn.Module) -> nn.Module:
+    """Fold every pathway (``W + λ·W'``) into a plain ``nn.Linear``; returns ``model``.
+
+    Works on layers of this package and the paper's ``CrossModalReparamLinear``. The merged model's
+    state_dict loads with ``strict=True`` into the unconverted architecture and computes the same
+    function. (A model that *is* one pathway layer cannot change in place: the merged layer is returned.)
+    """
+    if _is_pathway_module(model):
+        return _merge_module(model)
+    names = [n for n, m in model.named_modules() if n and _is_pathway_module(m)]
+    if not names:
+        raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
+                         "CrossModalReparamLinear layers): it is already merged or a plain model")
+    for name in names:
+        parent, child = _get_parent(model, name)
+        setattr(parent, child, _merge_module(getattr(parent, child)))
+    return model
+
+
+def mark_only_scales_trainable(model: nn.Module, modules_to_save: Union[str, Sequence[str]] = ("head",)) -> nn.Module:
+    """The paper's linear probing: only every pathway's λ and the modules in ``modules_to_save`` train.
+
+    Pathway layers are found by type (``FusedCrossModalLinear`` or the paper's layer), not by name.
+    ``modules_to_save`` matches like ``exclude_modules`` (``"head"`` is ``head`` and all under it; Hugging
+    Face classifiers call it ``"classifier"``); pass ``()`` to train only λ. Returns ``model``.
+    """
+    if isinstance(modules_to_save, str):
+        modules_to_save = (modules_to_save,)
+    modules_to_save = tuple(modules_to_save)
+    layers = [m for m in model.modules() if _is_pathway_module(m)]
+    if not layers:
+        raise ValueError("mark_only_scales_trainable: this model has no pathways (call add_pathways first)")
+    saved = {p: [n for n, _ in model.named_modules() if n and _component_match(n, p)] for p in modules_to_save}
+    missing = [p for p, hits in saved.items() if not hits]
+    if missing:
+        top = [n for n, _ in model.named_children()]
+        raise ValueError(f"mark_only_scales_trainable: no module named {missing} in the model (its top-level "
+                         f"modules: {top}); pass modules_to_save=(...) with the head's name, or () to train only λ")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in layers:
+        m.cross_modal_scale.requires_grad_(True)
+    for n, m in model.named_modules():
+        if n and any(_component_match(n, p) for p in modules_to_save):
+            for p in m.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def reparameterize_aux_into_target_model(
+    target_model: nn.Module,
+    aux_model: AuxSource,
+    layer_names: Sequence[str] = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+    main_body_name: Optional[str] = "blocks",
+    *,
+    is_aux_trainable: bool = True,
+    scale_init: float = 0.0,
+    per_channel_scale: bool = False,
+) -> nn.Module:
+    """Drop-in for the official M2PT ``multimodal_pathway.reparameterize_aux_into_target_model``.
+
+    Same signature and defaults: ``layer_names`` of each block ``<main_body_name>.<i>`` get a pathway
+    to the same block of ``aux_model``. Differences, all on purpose: the auxiliary weights are copied
+    (the paper's layer shares the auxiliary model's Parameter, so training changes the auxiliary model),
+    blocks are paired by name and a depth mismatch is an error (the paper's ``zip`` silently drops the
+    extra blocks), ``aux_model`` may also be a state_dict or a checkpoint path, and the fused layer is
+    used. ``is_aux_trainable`` is the keyword of the later M2PT code; ``main_body_name=None`` (or "")
+    treats the models themselves as the block lists. Returns ``target_model``.
+    """
+    if isinstance(layer_names, str):
+        layer_names = (layer_names,)
+    body = re.escape(main_body_name) + r"\." if main_body_name else ""
+    pattern = body + r"\d+\.(?:" + "|".join(re.escape(n) for n in layer_names) + ")"
+    if main_body_name:
+        try:
+            target_model.get_submodule(main_body_name)
+        except AttributeError:
+            raise ValueError(f"reparameterize_aux_into_target_model: the target model has no {main_body_name!r} "
+                             f"(its top-level modules: {[n for n, _ in target_model.named_children()]}); "
+                             "pass main_body_name=") from None
+    names = [n for n, _ in target_model.named_modules()]
+    absent = [ln for ln in layer_names if not any(re.fullmatch(body + r"\d+\." + re.escape(ln), n) for n in names)]
+    if absent:
+        where = f"{main_body_name}.<i>" if main_body_name else "<i>"
+        raise ValueError(f"reparameterize_aux_into_target_model: no {where}.{absent[0]} in the target model; "
+                         f"layer_names {list(absent)} match no block layer")
+    config = PathwayConfig(target_modules=pattern, exclude_modules=(), aux_trainable=is_aux_trainable,
+                           scale_init=scale_init, per_channel_scale=per_channel_scale)
+    return add_pathways(target_model, aux_model, config)
