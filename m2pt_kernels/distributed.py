@@ -1,0 +1,109 @@
+"""Helpers for training models with pathways under DDP and FSDP2 (``torch.distributed``).
+
+A *frozen* auxiliary weight W' is a persistent buffer of ``FusedCrossModalLinear``, not a
+Parameter: DDP never all-reduces it and FSDP2 (``fully_shard``) never shards it; every rank holds
+the full W'. So it must be the same on every rank:
+
+- DDP broadcasts all buffers from rank 0 when it is constructed, and again before *every* forward
+  unless ``broadcast_buffers=False`` (torch >= 2.14: ``forward_sync_buffers=False``). Re-sending W'
+  (the size of the model) each step is wasted bandwidth, since W' never changes. In torch < 2.14
+  ``broadcast_buffers=False`` also skips the broadcast at construction, so call
+  :func:`broadcast_aux_buffers` once before wrapping.
+- FSDP2 never touches buffers: ranks that built W' differently stay different. Call
+  :func:`broadcast_aux_buffers` once after ``fully_shard`` (or load the same checkpoint on every
+  rank); :func:`check_aux_buffers_consistent` verifies it.
+
+A *trainable* W' is a Parameter like W: all-reduced by DDP, sharded by FSDP2.
+
+Under FSDP2 also call :func:`disable_merged_weight_cache`: the no-grad fast path of
+``FusedCrossModalLinear`` caches the full merged ``W + λ·W'`` of every layer (a whole unsharded
+copy of the model per rank, which defeats sharding), and FSDP2 refills its unsharded parameters
+without bumping their autograd version counters, which is what the cache keys on.
+"""
+from __future__ import annotations
+
+from typing import Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from .layers import FusedCrossModalLinear
+
+__all__ = ["aux_buffers", "broadcast_aux_buffers", "check_aux_buffers_consistent",
+           "disable_merged_weight_cache"]
+
+
+def _pathway_layers(model: nn.Module) -> Iterator[Tuple[str, FusedCrossModalLinear]]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    for name, module in model.named_modules():
+        if isinstance(module, FusedCrossModalLinear):
+            yield name, module
+
+
+def aux_buffers(model: nn.Module) -> List[Tuple[str, Tensor]]:
+    """``(qualified name, tensor)`` of every frozen auxiliary weight (a buffer) in ``model``."""
+    return [(f"{name}.aux_weight" if name else "aux_weight", layer.aux_weight)
+            for name, layer in _pathway_layers(model) if not layer.aux_trainable]
+
+
+def _default_group_check(where: str) -> None:
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()):
+        raise RuntimeError(f"{where}: torch.distributed is not initialized; call "
+                           "torch.distributed.init_process_group first (torchrun sets up the environment)")
+
+
+def broadcast_aux_buffers(model: nn.Module, src: int = 0, group=None) -> nn.Module:
+    """Copy every frozen auxiliary weight of ``model`` from rank ``src`` to all ranks, in place.
+
+    Works on a plain model, a DDP-wrapped one and one after ``fully_shard`` (buffers stay plain
+    tensors there). Collective: every rank must call it. Returns ``model``.
+    """
+    _default_group_check("broadcast_aux_buffers")
+    import torch.distributed as dist
+    for _, buf in aux_buffers(model):
+        with torch.no_grad():
+            dist.broadcast(buf, src=src, group=group)
+    for _, layer in _pathway_layers(model):
+        layer.clear_merged_cache()  # drop anything merged from the old W'
+    return model
+
+
+def check_aux_buffers_consistent(model: nn.Module, src: int = 0, group=None) -> None:
+    """Raise a RuntimeError on every rank if any frozen auxiliary weight differs from rank ``src``'s.
+
+    The error names the layers and the ranks that differ. Collective: every rank must call it; it
+    sends every buffer once, so use it at setup time, not every step.
+    """
+    _default_group_check("check_aux_buffers_consistent")
+    import torch.distributed as dist
+    buffers = aux_buffers(model)
+    mismatched = []
+    for name, buf in buffers:
+        ref = buf.detach().clone()
+        dist.broadcast(ref, src=src, group=group)
+        if not torch.equal(ref, buf):
+            mismatched.append(name)
+    device = buffers[0][1].device if buffers else torch.device("cpu")
+    flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32, device=device)
+    flags[dist.get_rank(group)] = len(mismatched)
+    dist.all_reduce(flags, group=group)
+    bad_ranks = [r for r, n in enumerate(flags.tolist()) if n]
+    if bad_ranks:
+        mine = f"; on this rank: {mismatched[:5]}{' ...' if len(mismatched) > 5 else ''}" if mismatched else ""
+        raise RuntimeError(
+            f"frozen auxiliary weights differ from rank {src}'s on rank(s) {bad_ranks}{mine}. Load the same "
+            "auxiliary checkpoint on every rank, or call m2pt_kernels.distributed.broadcast_aux_buffers(model)")
+
+
+def disable_merged_weight_cache(model: nn.Module) -> nn.Module:
+    """Turn off the merged-weight cache of every pathway layer (for FSDP2; see the module docstring).
+
+    The no-grad path still runs one GEMM on ``W + λ·W'``, computed afresh each call. Returns ``model``.
+    """
+    for _, layer in _pathway_layers(model):
+        layer.cache_merged_weight = False
+        layer.clear_merged_cache()
+    return model

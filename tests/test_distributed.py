@@ -1,0 +1,129 @@
+"""DDP and FSDP2 (``fully_shard``) with pathways: 2 processes must match 1 process on the same global batch.
+
+CPU: gloo, 2 ranks, launched by tests/dist_worker.py (one launch runs every scenario; ~25 s here).
+GPU (marked ``gpu``): NCCL, one rank per device (2 when there are 2, else 1), same scenarios.
+
+What is compared, per scenario (DDP / FSDP2 × frozen / trainable W' × λ [1] / [N]):
+- the gradients of W, b, λ (and W' when trainable) after the first backward, against one process
+  on the whole global batch (the ranks see halves; mean-loss gradients are averaged by DDP/FSDP2);
+- every parameter after two SGD-momentum steps, and every buffer (W' frozen: unchanged, equal on
+  all ranks even though rank 1 built a different W' on purpose);
+- the no-grad forward before and after a step (the merged-weight path must see the new weights);
+- that a frozen W' is a buffer: not among DDP's / FSDP2's parameters, a plain full-size tensor
+  after ``fully_shard`` (not a sharded DTensor), and that the consistency checker catches ranks
+  that disagree.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import dist_worker as w
+from helpers import rel_err
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+SCENARIOS = list(w.SCENARIOS)
+
+
+def _gloo_ok() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_gloo_available()
+
+
+@pytest.fixture(scope="module")
+def gloo_results(tmp_path_factory):
+    if not _gloo_ok():
+        pytest.skip("gloo backend not available")
+    return w.launch(SCENARIOS, world_size=2, backend="gloo", timeout=180,
+                    out_dir=tmp_path_factory.mktemp("gloo"))
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {name: w.single_process_reference(name) for name in SCENARIOS}
+
+
+def _compare(name, records, ref, tol, device="cpu"):
+    wrapper, aux_trainable, per_channel, sync = w.SCENARIOS[name]
+    for rank, rec in enumerate(records):
+        where = f"{name} rank {rank}"
+        # gradients of the first step: every trainable tensor, including λ and (trainable) W'
+        assert set(rec["grads"]) == set(ref["grads"]), where
+        assert any(k.endswith("cross_modal_scale") for k in rec["grads"]), where
+        assert any(k.endswith("aux_weight") for k in rec["grads"]) == aux_trainable, where
+        for key, g in ref["grads"].items():
+            err = rel_err(rec["grads"][key], g)
+            assert err < tol, f"{where}: grad of {key} differs from one process: rel err {err:.2e}"
+        for key, p in ref["params"].items():
+            err = rel_err(rec["params"][key], p)
+            assert err < tol, f"{where}: {key} after {w.STEPS} steps: rel err {err:.2e}"
+        for key, b in ref["buffers"].items():  # frozen W' unchanged, and rank 1's perturbation repaired
+            assert torch.equal(rec["buffers"][key], b), f"{where}: buffer {key} differs from one process"
+        for when in ("nograd_before", "nograd_after"):
+            err = rel_err(rec[when], ref[when])
+            assert err < tol, f"{where}: {when} output rel err {err:.2e}"
+        assert rel_err(rec["nograd_after"], rec["nograd_before"]) > 1e-3, f"{where}: the step changed nothing"
+        info = rec["info"]
+        if not aux_trainable:
+            assert info["n_aux_buffers"] == 8, where  # 2 blocks × qkv, proj, fc1, fc2
+            assert info["checker_caught_mismatch"], f"{where}: check_aux_buffers_consistent missed a mismatch"
+            assert not info.get("aux_in_ddp_params", False) and not info.get("aux_in_fsdp_params", False), where
+        if wrapper == "fsdp2":
+            assert info["sharded_param_types"] == ["DTensor"], where
+            if not aux_trainable:
+                assert info["aux_buffer_types"] == ["Tensor"] and info["aux_buffer_shapes_full"], where
+    # all ranks end with the same model
+    for key in records[0]["params"]:
+        for rec in records[1:]:
+            assert torch.equal(rec["params"][key], records[0]["params"][key]), f"{name}: {key} differs across ranks"
+
+
+@pytest.mark.parametrize("name", SCENARIOS)
+def test_two_gloo_ranks_match_one_process(name, gloo_results, references):
+    _compare(name, gloo_results[name], references[name], tol=1e-5)
+
+
+def test_reference_is_not_trivial(references):
+    """The single-process oracle itself moves λ, W and (trainable) W' — the comparison can fail."""
+    ref = references["ddp_trainable_scalar"]
+    for key, g in ref["grads"].items():
+        assert g.abs().sum() > 0, f"zero gradient for {key}"
+
+
+def test_distributed_helpers_need_a_process_group():
+    from m2pt_kernels.distributed import broadcast_aux_buffers
+    model = w.build_model(False, False)
+    if torch.distributed.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        broadcast_aux_buffers(model)
+
+
+def test_disable_merged_weight_cache_returns_model_and_turns_cache_off():
+    from m2pt_kernels.distributed import disable_merged_weight_cache
+    from m2pt_kernels.layers import FusedCrossModalLinear
+    model = w.build_model(False, True)
+    assert disable_merged_weight_cache(model) is model
+    layers = [m for m in model.modules() if isinstance(m, FusedCrossModalLinear)]
+    assert layers and all(m.cache_merged_weight is False for m in layers)
+    x, _ = w.global_batch(0)
+    with torch.no_grad():
+        y = model(x)
+    assert all(m._cache is None for m in layers)
+    model.zero_grad()
+    ref = model(x)  # the fused training path
+    assert rel_err(y, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs at least 1 CUDA device")
+@pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_nccl_available()),
+                    reason="NCCL not available")
+def test_nccl_ranks_match_one_process(tmp_path):
+    """One rank per GPU (NCCL refuses two ranks on one device): 2 ranks with 2 GPUs, else 1."""
+    world = min(2, torch.cuda.device_count())
+    results = w.launch(SCENARIOS, world_size=world, backend="nccl", timeout=300, out_dir=tmp_path)
+    for name in SCENARIOS:
+        ref = w.single_process_reference(name, device="cuda:0")
+        tol = 1e-4 if torch.get_float32_matmul_precision() == "highest" else 1e-3
+        _compare(name, results[name], ref, tol=tol, device="cuda")
