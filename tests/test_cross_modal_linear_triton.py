@@ -1,0 +1,292 @@
+"""Triton backend of cross_modal_linear: both kernel orientations and several tile configs against
+the float64 reference, split-M, empty / degenerate inputs, determinism, and what it allocates.
+
+Runs on the CPU under TRITON_INTERPRET=1 (conftest) or on a GPU; configs are forced with
+``config_override`` so the small test shapes still span several tiles.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from m2pt_kernels import cross_modal_linear, use_backend
+from m2pt_kernels.ops import cross_modal_linear_reference as reference_backend
+
+from conftest import device_for_tests, fused_backends
+from helpers import rel_err, reference64, tolerance
+
+pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="triton backend not available")
+
+if "triton" in fused_backends():
+    from m2pt_kernels.ops import cross_modal_linear_triton as triton_backend
+
+DEVICE = device_for_tests()
+
+
+def _gemm(bm, bc, br, swap, group=2):
+    return dict(BLOCK_M=bm, BLOCK_C=bc, BLOCK_R=br, GROUP_M=group, SWAP_AB=swap)
+
+
+def _wg(bn, bk, bm, group=2):
+    return dict(BLOCK_N=bn, BLOCK_K=bk, BLOCK_M=bm, GROUP_N=group)
+
+
+# (name, gemm meta, wgrad meta): both orientations, square and rectangular tiles, grouping 1/2/4.
+CONFIGS = [
+    ("plain16", _gemm(16, 16, 16, False), _wg(16, 16, 16)),
+    ("swap32x16", _gemm(32, 16, 32, True, group=1), _wg(32, 16, 32, group=1)),
+    ("swap16x32", _gemm(16, 32, 16, True, group=4), _wg(16, 32, 16, group=4)),
+]
+
+# (leads, K, N, options): M = 1, odd, several tiles; K and N never tile multiples.
+CASES = [
+    ((1,), 19, 13, dict(bias=True, per_channel=False, aux_trainable=True)),
+    ((7,), 33, 17, dict(bias=False, per_channel=True, aux_trainable=False)),
+    ((2, 19), 40, 37, dict(bias=True, per_channel=True, aux_trainable=True, non_contiguous=True)),
+    ((45,), 24, 20, dict(bias=True, per_channel=False, aux_trainable=False, non_contiguous=True,
+                         strided_weight=True)),
+]
+
+
+def make_inputs(lead, k, n, dtype, *, bias=True, per_channel=False, aux_trainable=True,
+                weight_trainable=True, non_contiguous=False, strided_weight=False):
+    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
+        x = torch.randn(k + 3, *lead, device=DEVICE, dtype=dtype)[:k].movedim(0, -1)
+    else:
+        x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
+    if strided_weight:  # W, W' as transposed views (column-major [N, K])
+        w = (torch.randn(k, n, device=DEVICE) / k ** 0.5).to(dtype).t()
+        a = (torch.randn(k, n, device=DEVICE) / k ** 0.5).to(dtype).t()
+    else:
+        w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+        a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=DEVICE, dtype=torch.float32)
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    x.requires_grad_(True)
+    w.requires_grad_(weight_trainable)
+    a.requires_grad_(aux_trainable)
+    s.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, a, s, b
+
+
+def run_triton(inputs, dy):
+    with use_backend("triton"):
+        y = cross_modal_linear(*inputs)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in inputs]
+
+
+def check_against_reference(inputs, dtype):
+    dy = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=DEVICE, dtype=dtype)
+    y, grads = run_triton(inputs, dy)
+    y_ref, grads_ref = reference64(*inputs, dy)
+    tol = tolerance(dtype, DEVICE)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < tol, "y"
+    for name, t, g, g_ref in zip(("dx", "dW", "dW'", "dλ", "db"), inputs, grads, grads_ref):
+        if t is None:
+            continue
+        if not t.requires_grad:
+            assert g is None, f"{name} was written though not requested"
+            continue
+        assert g is not None, f"{name} missing"
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert rel_err(g, g_ref) < tol, (name, rel_err(g, g_ref))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("name,gemm,wg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_against_float64(name, gemm, wg, case, dtype):
+    lead, k, n, opts = CASES[case]
+    inputs = make_inputs(lead, k, n, dtype, **opts)
+    with triton_backend.config_override(gemm=gemm, wgrad=wg):
+        check_against_reference(inputs, dtype)
+
+
+def test_interpreter_default_config():
+    """No override: the interpreter's own small config (on a GPU: autotuning)."""
+    check_against_reference(make_inputs((3, 5), 21, 18, torch.float32, per_channel=True), torch.float32)
+
+
+@pytest.mark.parametrize("kind", ["gemm", "wgrad"])
+def test_every_autotune_config_is_correct(kind):
+    """Each config the GPU autotuner may pick, run as-is (one or two tiles here)."""
+    configs = triton_backend.GEMM_CONFIGS if kind == "gemm" else triton_backend.WGRAD_CONFIGS
+    assert kind != "gemm" or {c.kwargs["SWAP_AB"] for c in configs} == {False, True}
+    for config in configs:
+        inputs = make_inputs((37,), 40, 65, torch.float16, per_channel=True)
+        with triton_backend.config_override(**{kind: dict(config.kwargs)}):
+            check_against_reference(inputs, torch.float16)
+
+
+@pytest.mark.parametrize("split_m", [1, 2, 5])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_linear_probe_split_m(split_m, with_bias):
+    """λ-only (and db) wgrad: G is never written, M split over programs, partials summed."""
+    x, w, a, s, b = make_inputs((3, 23), 26, 21, torch.float32, per_channel=split_m == 2,
+                                weight_trainable=False, aux_trainable=False)
+    b.requires_grad_(with_bias)
+    with triton_backend.config_override(gemm=CONFIGS[0][1], wgrad=CONFIGS[0][2], split_m=split_m):
+        check_against_reference((x, w, a, s, b), torch.float32)
+
+
+def test_scale_only_no_dgrad():
+    """x frozen too: only dλ is computed (no dgrad launch)."""
+    x, w, a, s, b = make_inputs((9,), 21, 14, torch.bfloat16, weight_trainable=False, aux_trainable=False,
+                                bias=False)
+    x.requires_grad_(False)
+    check_against_reference((x, w, a, s, b), torch.bfloat16)
+
+
+def test_bias_only_grad():
+    x, w, a, s, b = make_inputs((9,), 21, 14, torch.float16, weight_trainable=False, aux_trainable=False)
+    x.requires_grad_(False)
+    s.requires_grad_(False)
+    check_against_reference((x, w, a, s, b), torch.float16)
+
+
+@pytest.mark.parametrize("flags", [(True, True, True, True), (False, False, True, True), (True, False, False, False)])
+def test_empty_m(flags):
+    """M = 0: empty y and dx, zero weight gradients, no kernel crash."""
+    x = torch.randn(0, 12, device=DEVICE)
+    w, a = torch.randn(10, 12, device=DEVICE), torch.randn(10, 12, device=DEVICE)
+    s, b = torch.randn(10, device=DEVICE), torch.randn(10, device=DEVICE)
+    y = triton_backend.forward(x, w, a, s, b)
+    assert y.shape == (0, 10) and y.dtype == x.dtype
+    dy = torch.randn(0, 10, device=DEVICE)
+    assert triton_backend.dgrad(dy, w, a, s).shape == (0, 12)
+    got = triton_backend.wgrad(dy, x, a, s, *flags)
+    want = reference_backend.wgrad(dy, x, a, s, *flags)
+    for g, r in zip(got, want):
+        assert (g is None) == (r is None)
+        if g is not None:
+            assert g.shape == r.shape and g.dtype == r.dtype and torch.equal(g, r)
+
+
+def test_empty_m_through_the_op():
+    inputs = make_inputs((0, 3), 12, 10, torch.float32)
+    check_against_reference(inputs, torch.float32)
+
+
+def test_degenerate_k_zero():
+    """K = 0: y is the bias, G is empty, dλ is zero."""
+    x = torch.randn(4, 0, device=DEVICE)
+    w = a = torch.randn(6, 0, device=DEVICE)
+    s, b = torch.randn(1, device=DEVICE), torch.randn(6, device=DEVICE)
+    assert torch.equal(triton_backend.forward(x, w, a, s, b), b.expand(4, 6))
+    dw, daux, ds, db = triton_backend.wgrad(torch.ones(4, 6, device=DEVICE), x, a, s, True, True, True, True)
+    assert dw.shape == daux.shape == (6, 0) and torch.equal(ds, torch.zeros(1, device=DEVICE))
+    assert torch.equal(db, torch.full((6,), 4.0, device=DEVICE))
+
+
+def test_fp32_precision_follows_torch_setting():
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert triton_backend._precision(torch.float32) == "ieee"
+        for setting in ("high", "medium"):
+            torch.set_float32_matmul_precision(setting)
+            assert triton_backend._precision(torch.float32) == "tf32"
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+@pytest.mark.parametrize("split_m", [1, 3])
+def test_deterministic(split_m):
+    """Two runs give bitwise-equal outputs and gradients (no atomics; fixed reduction order)."""
+    inputs = make_inputs((41,), 29, 23, torch.bfloat16, per_channel=True, weight_trainable=split_m == 1,
+                         aux_trainable=split_m == 1)
+    dy = torch.randn(41, 23, device=DEVICE, dtype=torch.bfloat16)
+    runs = []
+    with triton_backend.config_override(gemm=CONFIGS[1][1], wgrad=CONFIGS[1][2], split_m=split_m):
+        for _ in range(2):
+            for t in inputs:
+                if t is not None:
+                    t.grad = None
+            y, grads = run_triton(inputs, dy)
+            runs.append([y.detach().clone()] + [g.clone() for g in grads if g is not None])
+    assert len(runs[0]) == len(runs[1]) >= 3
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ what the launchers allocate
+
+
+class _Allocations(TorchDispatchMode):
+    """Every tensor an aten op creates with fresh, non-empty storage (views and in-place ops, e.g.
+    the interpreter's set_/copy_ of argument storages, share their inputs' storage and are skipped)."""
+
+    def __init__(self):
+        super().__init__()
+        self.created = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        seen = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() > 0 \
+                    and t.untyped_storage().data_ptr() not in seen:
+                self.created.append((str(func), t))
+        return out
+
+    def weight_sized(self, numel):
+        return [(f, tuple(t.shape)) for f, t in self.created if t.numel() >= numel]
+
+
+def _alloc_inputs(dtype=torch.float32):
+    m, n, k = 6, 24, 40  # M < N, K: only weight-shaped tensors reach N·K elements
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    w = torch.randn(n, k, device=DEVICE, dtype=dtype)
+    a = torch.randn(n, k, device=DEVICE, dtype=dtype)
+    s = torch.randn(n, device=DEVICE)
+    b = torch.randn(n, device=DEVICE, dtype=dtype)
+    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    return x, w, a, s, b, dy
+
+
+def test_allocation_probe_sees_the_reference_merge():
+    """The probe is able to fail: the reference backend forms W + λW' (weight-sized) in forward."""
+    x, w, a, s, b, dy = _alloc_inputs()
+    with _Allocations() as probe:
+        reference_backend.forward(x, w, a, s, b)
+    assert probe.weight_sized(w.numel()), probe.created
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("swap", [False, True])
+def test_forward_and_dgrad_allocate_only_their_output(dtype, swap):
+    x, w, a, s, b, dy = _alloc_inputs(dtype)
+    with triton_backend.config_override(gemm=_gemm(16, 16, 16, swap)):
+        with _Allocations() as probe:
+            y = triton_backend.forward(x, w, a, s, b)
+        assert [t.data_ptr() for _, t in probe.created] == [y.data_ptr()], probe.created
+        with _Allocations() as probe:
+            dx = triton_backend.dgrad(dy, w, a, s)
+        assert [t.data_ptr() for _, t in probe.created] == [dx.data_ptr()], probe.created
+
+
+@pytest.mark.parametrize("flags", [
+    (True, True, True, True),     # full fine-tuning
+    (True, False, True, True),    # aux frozen
+    (False, True, False, False),  # only dW'
+    (False, False, True, True),   # linear probing: λ and b
+    (False, False, True, False),  # λ only
+])
+@pytest.mark.parametrize("split_m", [1, 3])
+def test_wgrad_allocates_only_requested_gradients(flags, split_m):
+    x, w, a, s, b, dy = _alloc_inputs()
+    with triton_backend.config_override(gemm=CONFIGS[0][1], wgrad=CONFIGS[0][2], split_m=split_m):
+        with _Allocations() as probe:
+            grads = triton_backend.wgrad(dy, x, a, s, *flags)
+    for g, flag in zip(grads, flags):
+        assert (g is not None) == flag
+    big = {t.data_ptr() for _, t in probe.created if t.numel() >= w.numel()}
+    assert big == {g.data_ptr() for g in grads[:2] if g is not None}, probe.weight_sized(w.numel())
+    want = reference_backend.wgrad(dy.double(), x.double(), a.double(), s.double(), *flags)
+    for g, r in zip(grads, want):
+        if g is not None:
+            assert rel_err(g, r) < 1e-4
