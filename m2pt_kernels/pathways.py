@@ -251,12 +251,14 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
         else:
             obj = torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as exc:
-        if weights_only and "weights_only" in str(exc):
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()] or [type(exc).__name__]
+        detail = next((ln for ln in lines if "Unsupported" in ln), lines[0])[:300]
+        if weights_only and ("Unsupported global" in detail or "Unsupported class" in detail):
             raise RuntimeError(
                 f"load_checkpoint: {path!r} holds Python objects that torch.load(weights_only=True) refuses "
-                f"({str(exc).splitlines()[0][:200]}). If you trust the file, call "
-                "load_checkpoint(path, weights_only=False), or re-save only its state_dict.") from exc
-        raise RuntimeError(f"load_checkpoint: could not read {path!r} as a PyTorch checkpoint: {exc}") from exc
+                f"({detail}). If you trust the file, call load_checkpoint(path, weights_only=False), or "
+                "re-save only its state_dict.") from exc
+        raise RuntimeError(f"load_checkpoint: could not read {path!r} as a PyTorch checkpoint ({detail})") from exc
     return _unwrap(obj, f"load_checkpoint({path!r})")
 
 

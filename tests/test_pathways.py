@@ -1,0 +1,521 @@
+"""Whole-model pathways: add / merge / linear probing / the paper's API / checkpoints / every error.
+
+A toy ViT with timm's block names runs everywhere; timm's vit_tiny and a small Hugging Face ViTModel
+run when those packages are installed (they are in the test extras).
+"""
+import argparse
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import m2pt_kernels
+from m2pt_kernels import (FusedCrossModalLinear, PathwayConfig, add_pathways, mark_only_scales_trainable,
+                          merge_pathways, reparameterize_aux_into_target_model)
+from m2pt_kernels.baselines import PaperCrossModalReparamLinear
+from m2pt_kernels.pathways import (PRESETS, is_pathway_state_dict, load_checkpoint, merge_state_dict,
+                                   save_checkpoint)
+
+from helpers import rel_err
+
+TIMM_LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+
+
+class Attn(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.proj = nn.Linear(d, d, bias=False)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        a = torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1)
+        return self.proj(a @ v)
+
+
+class Mlp(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.fc1 = nn.Linear(d, 2 * d)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(2 * d, d)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(d), Attn(d)
+        self.norm2, self.mlp = nn.LayerNorm(d), Mlp(d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ToyViT(nn.Module):
+    """timm's names: a tokenizer, ``blocks.<i>.attn.qkv`` ..., a head."""
+
+    def __init__(self, d=24, depth=3, in_dim=10, classes=5):
+        super().__init__()
+        self.embed = nn.Linear(in_dim, d)
+        self.blocks = nn.Sequential(*[Block(d) for _ in range(depth)])
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.norm(self.blocks(self.embed(x))).mean(1))
+
+
+def toy_pair(depth=3, aux_depth=None, d=24):
+    target = ToyViT(d=d, depth=depth)
+    aux = ToyViT(d=d, depth=aux_depth or depth, in_dim=7, classes=11)  # other tokenizer and head
+    return target, aux
+
+
+def pathway_names(model):
+    return [n for n, m in model.named_modules() if isinstance(m, FusedCrossModalLinear)]
+
+
+def randomize_scales(model, dtype=None):
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, FusedCrossModalLinear):
+                m.cross_modal_scale.copy_(torch.randn_like(m.cross_modal_scale))
+
+
+# ---------------------------------------------------------------------------- add_pathways
+def test_add_pathways_in_place_identity_and_returns_model():
+    target, aux = toy_pair()
+    x = torch.randn(2, 6, 10)
+    y0 = target(x)
+    out = add_pathways(target, aux)
+    assert out is target
+    assert pathway_names(target) == [f"blocks.{i}.{n}" for i in range(3) for n in TIMM_LAYERS]
+    assert isinstance(target.head, nn.Linear) and isinstance(target.embed, nn.Linear)
+    torch.testing.assert_close(target(x), y0, rtol=0, atol=0)  # λ = 0: the target model exactly
+    target.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), y0, rtol=0, atol=0)
+    for i in range(3):  # paired by name, copied from the aux model
+        assert torch.equal(target.blocks[i].attn.qkv.aux_weight, aux.blocks[i].attn.qkv.weight)
+        assert target.blocks[i].attn.qkv.aux_weight.data_ptr() != aux.blocks[i].attn.qkv.weight.data_ptr()
+
+
+def test_training_moves_lambda_leaves_aux_untouched_and_old_optimizer_valid():
+    target, aux = toy_pair()
+    aux_before = copy.deepcopy(aux.state_dict())
+    old_params = list(target.parameters())
+    add_pathways(target, aux)
+    new_ids = {id(p) for p in target.parameters()}
+    assert all(id(p) in new_ids for p in old_params)  # an optimizer built earlier still holds live tensors
+    opt = torch.optim.AdamW(target.parameters(), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(target(torch.randn(4, 6, 10)), torch.randint(0, 5, (4,)))
+        loss.backward()
+        opt.step()
+    lams = torch.cat([target.get_submodule(n).cross_modal_scale.detach() for n in pathway_names(target)])
+    assert (lams != 0).all()
+    for k, v in aux.state_dict().items():
+        assert torch.equal(v, aux_before[k]), k
+    assert all(p.grad is None for p in aux.parameters())
+
+
+def test_aux_as_state_dict_path_wrapped_and_prefixed(tmp_path):
+    target, aux = toy_pair()
+    ref = add_pathways(copy.deepcopy(target), aux)
+    wrapped = {"model": {f"module.{k}": v for k, v in aux.state_dict().items()},
+               "optimizer": {"state": {}}, "epoch": 3, "args": argparse.Namespace(lr=0.1)}
+    path = tmp_path / "aux.pth"
+    torch.save(wrapped, path)
+    for source in (aux.state_dict(), {"state_dict": aux.state_dict()}, str(path), path):
+        model = add_pathways(copy.deepcopy(target), source)
+        for n in pathway_names(ref):
+            assert torch.equal(model.get_submodule(n).aux_weight, ref.get_submodule(n).aux_weight), n
+    st = tmp_path / "aux.safetensors"
+    save_checkpoint(aux.state_dict(), st)
+    model = add_pathways(copy.deepcopy(target), st)
+    assert torch.equal(model.blocks[2].mlp.fc2.aux_weight, aux.blocks[2].mlp.fc2.weight)
+
+
+def test_config_names_suffix_regex_preset_exclude_and_options():
+    target, aux = toy_pair()
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(target_modules=["mlp.fc1"]))
+    assert pathway_names(m) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1"]
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(target_modules=["blocks.1.attn.qkv"]))
+    assert pathway_names(m) == ["blocks.1.attn.qkv"]
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(target_modules=r"blocks\.[02]\.attn\.(qkv|proj)"))
+    assert pathway_names(m) == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.2.attn.qkv", "blocks.2.attn.proj"]
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(target_modules="timm_vit"))
+    assert len(pathway_names(m)) == 12
+    # suffixes match at a dot boundary only: "fc1" does not match "xfc1"
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(target_modules=["c1"] + ["mlp.fc2"]))
+    assert pathway_names(m) == ["blocks.0.mlp.fc2", "blocks.1.mlp.fc2", "blocks.2.mlp.fc2"]
+    m = add_pathways(copy.deepcopy(target), aux, PathwayConfig(exclude_modules=("blocks.1",)))
+    assert not any(n.startswith("blocks.1.") for n in pathway_names(m)) and len(pathway_names(m)) == 8
+    m = add_pathways(copy.deepcopy(target), aux,
+                     PathwayConfig(aux_trainable=False, scale_init=0.25, per_channel_scale=True))
+    layer = m.blocks[0].mlp.fc1
+    assert "aux_weight" in dict(layer.named_buffers()) and not layer.aux_trainable
+    assert layer.cross_modal_scale.shape == (48,) and torch.all(layer.cross_modal_scale == 0.25)
+    assert not any("aux_weight" in n for n, _ in m.named_parameters())
+
+
+def test_bf16_target_fp32_aux():
+    target, aux = toy_pair()
+    target.to(torch.bfloat16)
+    add_pathways(target, aux)
+    layer = target.blocks[0].attn.qkv
+    assert layer.aux_weight.dtype == torch.bfloat16 and layer.cross_modal_scale.dtype == torch.float32
+    randomize_scales(target)
+    y = target(torch.randn(2, 6, 10, dtype=torch.bfloat16))
+    y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and layer.cross_modal_scale.grad.dtype == torch.float32
+    target.to(torch.float16)
+    assert layer.cross_modal_scale.dtype == torch.float32
+
+
+# ---------------------------------------------------------------------------- merge
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_merge_pathways_exact_in_float64_and_loads_strict(per_channel):
+    target, aux = toy_pair()
+    target.double()
+    add_pathways(target, aux, PathwayConfig(per_channel_scale=per_channel))
+    randomize_scales(target)
+    target.eval()
+    x = torch.randn(3, 6, 10, dtype=torch.float64)
+    with torch.no_grad():
+        y_path = target(x)
+    out = merge_pathways(target)
+    assert out is target and not pathway_names(target)
+    assert all(type(target.get_submodule(f"blocks.0.{n}")) is nn.Linear for n in TIMM_LAYERS)
+    with torch.no_grad():
+        assert rel_err(target(x), y_path) < 1e-12
+    fresh = ToyViT().double()
+    fresh.load_state_dict(target.state_dict(), strict=True)
+    with torch.no_grad():
+        assert rel_err(fresh(x), y_path) < 1e-12
+
+
+def test_merge_state_dict_equals_merge_pathways_and_handles_paper_format():
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    randomize_scales(target)
+    sd = target.state_dict()
+    assert is_pathway_state_dict(sd)
+    merged_sd = merge_state_dict(sd)
+    assert not is_pathway_state_dict(merged_sd) and is_pathway_state_dict(sd)  # input untouched
+    merge_pathways(target)
+    assert list(merged_sd) == list(target.state_dict())
+    for k, v in target.state_dict().items():
+        assert torch.equal(merged_sd[k], v), k
+    # the paper's layer: keys weight, bias, cross_modal_scale, aux_weight
+    paper = nn.Sequential(PaperCrossModalReparamLinear(8, 4, aux_weight=torch.randn(4, 8)))
+    with torch.no_grad():
+        paper[0].cross_modal_scale.fill_(0.7)
+    plain = nn.Sequential(nn.Linear(8, 4))
+    plain.load_state_dict(merge_state_dict(paper.state_dict()), strict=True)
+    x = torch.randn(5, 8)
+    assert rel_err(plain(x), paper(x).double()) < 1e-6
+    assert rel_err(merge_pathways(paper)(x), plain(x).double()) < 1e-6  # the paper's layers merge too
+
+
+def test_merge_state_dict_bf16_fp32_math():
+    w, a = torch.randn(4, 8, dtype=torch.bfloat16), torch.randn(4, 8, dtype=torch.bfloat16)
+    sd = {"l.weight": w, "l.aux_weight": a, "l.cross_modal_scale": torch.tensor([0.3])}
+    out = merge_state_dict(sd)
+    assert list(out) == ["l.weight"]
+    assert torch.equal(out["l.weight"], (w.float() + 0.3 * a.float()).to(torch.bfloat16))
+
+
+def test_merge_errors():
+    with pytest.raises(ValueError, match=re.escape("this checkpoint has no pathways (no *.aux_weight / "
+                                                   "*.cross_modal_scale keys): it is already merged or a plain model")):
+        merge_state_dict(ToyViT().state_dict())
+    with pytest.raises(ValueError, match="'l' is incomplete: missing \\['l.cross_modal_scale'\\]"):
+        merge_state_dict({"l.weight": torch.zeros(2, 2), "l.aux_weight": torch.zeros(2, 2)})
+    with pytest.raises(ValueError, match="already merged or a plain model"):
+        merge_pathways(ToyViT())
+
+
+# ---------------------------------------------------------------------------- linear probing
+def test_mark_only_scales_trainable():
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    assert mark_only_scales_trainable(target) is target
+    trainable = {n for n, p in target.named_parameters() if p.requires_grad}
+    expected = {f"{n}.cross_modal_scale" for n in pathway_names(target)} | {"head.weight", "head.bias"}
+    assert trainable == expected
+    mark_only_scales_trainable(target, modules_to_save=())
+    assert {n for n, p in target.named_parameters() if p.requires_grad} == expected - {"head.weight", "head.bias"}
+    target(torch.randn(2, 6, 10)).sum().backward()
+    assert target.blocks[0].attn.qkv.weight.grad is None and target.blocks[0].attn.qkv.cross_modal_scale.grad is not None
+    with pytest.raises(ValueError, match=r"no module named \['classifier'\].*'head'"):
+        mark_only_scales_trainable(target, modules_to_save=("classifier",))
+    with pytest.raises(ValueError, match="no pathways"):
+        mark_only_scales_trainable(ToyViT())
+
+
+def test_mark_only_scales_trainable_selects_by_type_not_name():
+    target, aux = ToyViT(), ToyViT()
+    add_pathways(target, aux, PathwayConfig(target_modules=["embed"], exclude_modules=()))
+    target.blocks[0].cross_modal_scale = nn.Parameter(torch.zeros(1))  # a decoy named like λ
+    mark_only_scales_trainable(target, modules_to_save=())
+    trainable = {n for n, p in target.named_parameters() if p.requires_grad}
+    assert trainable == {"embed.cross_modal_scale"}
+
+
+# ---------------------------------------------------------------------------- the paper's function
+def paper_reparameterize(target_model, aux_model, layer_names=TIMM_LAYERS, main_body_name="blocks"):
+    """The official M2PT code's loop (zip of blocks, layers built from the aux model's weight)."""
+    for t_block, a_block in zip(getattr(target_model, main_body_name), getattr(aux_model, main_body_name)):
+        for name in layer_names:
+            parent_name, _, child = name.rpartition(".")
+            t_parent, a_parent = t_block.get_submodule(parent_name), a_block.get_submodule(parent_name)
+            origin, aux_layer = getattr(t_parent, child), getattr(a_parent, child)
+            layer = PaperCrossModalReparamLinear(origin.in_features, origin.out_features, origin.bias is not None,
+                                                 origin_layer=origin, aux_weight=aux_layer.weight)
+            setattr(t_parent, child, layer)
+
+
+def test_reparameterize_matches_the_paper():
+    target, aux = toy_pair()
+    ours, theirs = copy.deepcopy(target), copy.deepcopy(target)
+    assert reparameterize_aux_into_target_model(ours, aux) is ours
+    paper_reparameterize(theirs, aux)
+    assert set(ours.state_dict()) == set(theirs.state_dict())
+    randomize_scales(ours)
+    theirs.load_state_dict(ours.state_dict(), strict=True)  # checkpoints move between the two
+    x = torch.randn(2, 6, 10)
+    assert rel_err(ours(x), theirs(x).double()) < 1e-5
+    back = copy.deepcopy(target)
+    reparameterize_aux_into_target_model(back, aux, layer_names=("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"),
+                                         main_body_name="blocks", is_aux_trainable=False)
+    back.load_state_dict(theirs.state_dict(), strict=True)
+    assert rel_err(back(x), theirs(x).double()) < 1e-5
+    assert not back.blocks[0].attn.qkv.aux_trainable
+
+
+def test_reparameterize_on_block_lists_and_errors():
+    target, aux = toy_pair()
+    reparameterize_aux_into_target_model(target.blocks, aux.blocks, layer_names=("mlp.fc1",), main_body_name=None)
+    assert pathway_names(target) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1"]
+    target, aux = toy_pair()
+    with pytest.raises(ValueError, match="no 'layers'"):
+        reparameterize_aux_into_target_model(target, aux, main_body_name="layers")
+    with pytest.raises(ValueError, match=r"blocks.<i>.attn.out"):
+        reparameterize_aux_into_target_model(target, aux, layer_names=("attn.qkv", "attn.out"))
+    target, aux = toy_pair(depth=4, aux_depth=2)
+    with pytest.raises(ValueError, match=r"shallower.*blocks\.0-3 \(4 blocks\).*blocks\.0-1 \(2 blocks\)"):
+        reparameterize_aux_into_target_model(target, aux)
+
+
+# ---------------------------------------------------------------------------- errors
+def test_error_depth_mismatch_both_ways():
+    target, aux = toy_pair(depth=4, aux_depth=2)
+    with pytest.raises(ValueError, match=r"shallower than the target.*blocks\.0-3 \(4 blocks\).*blocks\.0-1 \(2 blocks\)"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)  # nothing changed on error
+    target, aux = toy_pair(depth=2, aux_depth=3)
+    with pytest.raises(ValueError, match=r"deeper than the target.*\(2 blocks\).*\(3 blocks\)"):
+        add_pathways(target, aux)
+
+
+def test_error_missing_or_mis_shaped_aux_layer():
+    target, aux = toy_pair()
+    sd = {k: v for k, v in aux.state_dict().items() if k != "blocks.1.mlp.fc2.weight"}
+    with pytest.raises(ValueError, match=r"'blocks\.1\.mlp\.fc2' has no partner.*'blocks\.1\.mlp\.fc2\.weight'"):
+        add_pathways(target, sd)
+    target, _ = toy_pair()
+    wide = ToyViT(d=32)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv'.*\[72, 24\].*\[96, 32\]"):
+        add_pathways(target, wide)
+    assert not pathway_names(target)
+
+
+def test_error_no_match_lists_nearest_names_and_presets():
+    target, aux = toy_pair()
+    with pytest.raises(ValueError, match=r"no module matches target_modules=\['attn\.qkvv'\].*attn\.qkv.*timm_vit"):
+        add_pathways(target, aux, PathwayConfig(target_modules=["attn.qkvv"]))
+    with pytest.raises(ValueError, match="fully matches the regex"):
+        add_pathways(target, aux, PathwayConfig(target_modules=r"nothing\.here"))
+    lonely = nn.Sequential(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="no module of this model matches a preset.*Presets: timm_vit"):
+        add_pathways(lonely, lonely)
+
+
+def test_error_matched_module_not_linear_twice_and_mha():
+    target, aux = toy_pair()
+    with pytest.raises(TypeError, match=r"'blocks\.0\.norm1' .* is a LayerNorm, not an nn\.Linear"):
+        add_pathways(target, aux, PathwayConfig(target_modules=["norm1"]))
+    add_pathways(target, aux)
+    with pytest.raises(ValueError, match=r"already has pathways \(12 layers, e\.g\. 'blocks\.0\.attn\.qkv'\).*twice"):
+        add_pathways(target, aux)
+    mha = nn.Sequential(nn.MultiheadAttention(8, 2))
+    with pytest.raises(TypeError, match="out_proj of an nn.MultiheadAttention"):
+        add_pathways(mha, copy.deepcopy(mha), PathwayConfig(target_modules=["out_proj"]))
+
+
+def test_error_aux_checkpoint_has_pathways():
+    target, aux = toy_pair()
+    add_pathways(aux, ToyViT(in_dim=7, classes=11))
+    with pytest.raises(ValueError, match=r"has pathways itself.*unmerged M2PT checkpoint.*Merge it first"):
+        add_pathways(target, aux.state_dict())
+    with pytest.raises(TypeError, match="aux must be an nn.Module, a state_dict or a path"):
+        add_pathways(target, 3)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def test_checkpoint_helpers(tmp_path):
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    randomize_scales(target)
+    sd = target.state_dict()
+    for suffix in (".pth", ".pt", ".safetensors"):
+        path = tmp_path / f"ckpt{suffix}"
+        save_checkpoint(sd, path)
+        loaded = load_checkpoint(path)
+        assert list(loaded) == list(sd) or set(loaded) == set(sd)
+        for k in sd:
+            assert torch.equal(loaded[k], sd[k]), (suffix, k)
+    nested = tmp_path / "nested.pth"
+    torch.save({"module": {"state_dict": {f"module._orig_mod.{k}": v for k, v in sd.items()}}, "epoch": 1}, nested)
+    assert set(load_checkpoint(nested)) == set(sd)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pth")
+    (tmp_path / "weights.npz").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"unknown checkpoint format '\.npz'.*\.safetensors"):
+        load_checkpoint(tmp_path / "weights.npz")
+    with pytest.raises(ValueError, match="unknown checkpoint format"):
+        save_checkpoint(sd, tmp_path / "out.h5")
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(RuntimeError, match="could not read"):
+        load_checkpoint(tmp_path / "junk.pth")
+    torch.save({"epoch": 3, "note": "nothing"}, tmp_path / "empty.pth")
+    with pytest.raises(ValueError, match="no tensors found"):
+        load_checkpoint(tmp_path / "empty.pth")
+
+
+def test_checkpoint_round_trip_through_fresh_pathway_model(tmp_path):
+    target, aux = toy_pair()
+    add_pathways(target, aux, PathwayConfig(per_channel_scale=True))
+    randomize_scales(target)
+    save_checkpoint(target.state_dict(), tmp_path / "trained.safetensors")
+    fresh = add_pathways(ToyViT(), ToyViT(in_dim=7, classes=11), PathwayConfig(per_channel_scale=True))
+    fresh.load_state_dict(load_checkpoint(tmp_path / "trained.safetensors"), strict=True)
+    x = torch.randn(2, 6, 10)
+    assert torch.equal(fresh(x), target(x))
+    plain = ToyViT()
+    plain.load_state_dict(merge_state_dict(load_checkpoint(tmp_path / "trained.safetensors")), strict=True)
+    assert rel_err(plain(x), target(x).double()) < 1e-5
+
+
+# ---------------------------------------------------------------------------- Hugging Face name presets
+class LegacyHFLayer(nn.Module):
+    """transformers 4.x ViTLayer names: attention.attention.{query,key,value}, attention.output.dense, ..."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.attention = nn.Module()
+        self.attention.attention = nn.Module()
+        for n in ("query", "key", "value"):
+            setattr(self.attention.attention, n, nn.Linear(d, d))
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(d, d)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(d, 2 * d)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(2 * d, d)
+
+
+def test_legacy_hf_vit_preset():
+    def make():
+        m = nn.Module()
+        m.encoder = nn.Module()
+        m.encoder.layer = nn.ModuleList([LegacyHFLayer(8) for _ in range(2)])
+        m.pooler = nn.Module()
+        m.pooler.dense = nn.Linear(8, 8)
+        return m
+    model = add_pathways(make(), make())
+    names = pathway_names(model)
+    assert len(names) == 12 and "pooler.dense" not in names
+    assert {n.split(".", 3)[3] for n in names} == set(PRESETS["hf_vit_legacy"])
+
+
+# ---------------------------------------------------------------------------- real timm / transformers models
+def test_timm_vit_tiny_end_to_end(tmp_path):
+    timm = pytest.importorskip("timm")
+    target = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10)
+    aux = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=3)
+    x = torch.randn(1, 3, 224, 224)
+    target.eval()
+    with torch.no_grad():
+        y0 = target(x)
+    add_pathways(target, aux)
+    assert len(pathway_names(target)) == 48 and isinstance(target.head, nn.Linear)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x), y0, rtol=0, atol=0)
+    target.train()
+    mark_only_scales_trainable(target)
+    opt = torch.optim.SGD([p for p in target.parameters() if p.requires_grad], lr=0.5)
+    loss = target(x).logsumexp(-1).sum()
+    loss.backward()
+    opt.step()
+    target.eval()
+    with torch.no_grad():
+        y_path = target(x)
+    assert not torch.equal(y_path, y0)
+    ckpt = tmp_path / "merged.safetensors"
+    save_checkpoint(merge_state_dict(target.state_dict()), ckpt)
+    reloaded = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10,
+                                 checkpoint_path=str(ckpt)).eval()
+    with torch.no_grad():
+        assert rel_err(reloaded(x), y_path) < 1e-5
+    merge_pathways(target)
+    with torch.no_grad():
+        assert rel_err(target(x), y_path) < 1e-5
+
+
+def _tiny_vit_config():
+    transformers = pytest.importorskip("transformers")
+    return transformers, transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                intermediate_size=64, image_size=32, patch_size=8)
+
+
+def test_hf_vit_model_end_to_end(tmp_path):
+    transformers, cfg = _tiny_vit_config()
+    target = transformers.ViTModel(cfg).eval()
+    aux = transformers.ViTForImageClassification(cfg)  # prefixed "vit.", other head: pairs by name
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = target(x).last_hidden_state
+    add_pathways(target, aux)
+    names = pathway_names(target)
+    linears_per_layer = len(names) // cfg.num_hidden_layers
+    assert linears_per_layer == 6 and not any("pooler" in n for n in names)
+    with torch.no_grad():
+        torch.testing.assert_close(target(x).last_hidden_state, y0, rtol=0, atol=0)
+    randomize_scales(target)
+    with torch.no_grad():
+        y_path = target(x).last_hidden_state
+    fresh = transformers.ViTModel(cfg).eval()
+    fresh.load_state_dict(merge_state_dict(target.state_dict()), strict=True)
+    merge_pathways(target)
+    with torch.no_grad():
+        assert rel_err(fresh(x).last_hidden_state, y_path) < 1e-5
+        assert rel_err(target(x).last_hidden_state, y_path) < 1e-5
+    target.save_pretrained(tmp_path / "merged")
+    again = transformers.ViTModel.from_pretrained(tmp_path / "merged").eval()
+    with torch.no_grad():
+        assert rel_err(again(x).last_hidden_state, y_path) < 1e-5
+
+
+def test_exports():
+    for name in ("FusedCrossModalLinear", "PathwayConfig", "add_pathways", "merge_pathways",
+                 "mark_only_scales_trainable", "reparameterize_aux_into_target_model"):
+        assert name in m2pt_kernels.__all__ and hasattr(m2pt_kernels, name)
