@@ -230,15 +230,21 @@ WGRAD_CONFIGS = [
     _wgrad_config(128, 256, 32, 8, 3),
     _wgrad_config(256, 128, 32, 8, 3),
 ]
-_MIN_WGRAD_BLOCK_K = min(c.kwargs["BLOCK_K"] for c in WGRAD_CONFIGS)
 
-_gemm_tuned = triton.autotune(
-    configs=GEMM_CONFIGS, key=["M_BUCKET", "NC", "R", "LAM_ON_R", "HAS_BIAS", "PRECISION"],
-)(_merged_gemm_kernel)
-_wgrad_tuned = triton.autotune(
-    configs=WGRAD_CONFIGS,
-    key=["M_BUCKET", "N", "K", "NEED_W", "NEED_AUX", "NEED_SCALE", "NEED_BIAS", "PRECISION"],
-)(_wgrad_kernel)
+GEMM_KEY = ["M_BUCKET", "NC", "R", "LAM_ON_R", "HAS_BIAS", "PRECISION"]
+WGRAD_KEY = ["M_BUCKET", "N", "K", "NEED_W", "NEED_AUX", "NEED_SCALE", "NEED_BIAS", "PRECISION"]
+
+
+def autotuned(kernel, configs, **extra):
+    """The autotuned launchers below (tests build their own, with a fake timer, under the interpreter)."""
+    if kernel is _wgrad_kernel:
+        # Benchmarking a config with a smaller BLOCK_K fills more k-tile rows of the dλ partials.
+        return triton.autotune(configs=configs, key=WGRAD_KEY, reset_to_zero=["dlam_part_ptr"], **extra)(kernel)
+    return triton.autotune(configs=configs, key=GEMM_KEY, **extra)(kernel)
+
+
+_gemm_tuned = autotuned(_merged_gemm_kernel, GEMM_CONFIGS)
+_wgrad_tuned = autotuned(_wgrad_kernel, WGRAD_CONFIGS)
 
 # The one config used under the interpreter (fast), unless a test overrides it.
 _INTERPRET_GEMM = dict(BLOCK_M=16, BLOCK_C=16, BLOCK_R=16, GROUP_M=2, SWAP_AB=False)
@@ -360,14 +366,16 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
 
     split = _split_m(m, n, k, need_weight or need_aux, dy2.device)
     meta = _meta("wgrad")
-    k_tiles = triton.cdiv(k, meta["BLOCK_K"] if meta is not None else _MIN_WGRAD_BLOCK_K)
-    # Partials: zero-filled so k-tiles a larger autotuned BLOCK_K leaves unused add nothing.
-    dlam_part = torch.zeros((split, k_tiles, n), device=dy2.device, dtype=torch.float32) if need_scale else None
+    k_tiles = triton.cdiv(k, meta["BLOCK_K"] if meta is not None else min(
+        c.kwargs["BLOCK_K"] for c in _wgrad_tuned.configs))
+    # dλ partials [split, k-tiles, N], sized for the smallest BLOCK_K the autotuner may pick.
+    dlam_part = torch.zeros((split, k_tiles, n) if need_scale else (1, 1, 1),
+                            device=dy2.device, dtype=torch.float32)
     db_part = torch.empty((split, n), device=dy2.device, dtype=torch.float32) if need_bias else None
-    dummy = scale  # stands in for pointers a variant never touches
+    dummy = scale  # stands in for output pointers a variant never touches (never written)
     args = (dy2, x2, aux_weight, scale,
             dw if dw is not None else dummy, daux if daux is not None else dummy,
-            dlam_part if dlam_part is not None else dummy, db_part if db_part is not None else dummy,
+            dlam_part, db_part if db_part is not None else dummy,
             m, n, k, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
             aux_weight.stride(0), aux_weight.stride(1), 0 if scale.numel() == 1 else scale.stride(0),
             k_tiles * n, split, triton.next_power_of_2(m))
@@ -376,13 +384,14 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     if meta is None:
         grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
         _wgrad_tuned[grid](*args, **flags)
+        k_tiles = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
     else:
         grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
         _wgrad_kernel[grid](*args, **flags, **meta)
 
     dscale = None
     if need_scale:
-        per_channel = dlam_part.sum(dim=(0, 1))
+        per_channel = dlam_part[:, :k_tiles].sum(dim=(0, 1))
         dscale = (per_channel if scale.numel() > 1 else per_channel.sum().view(1)).to(scale.dtype)
     db = db_part.sum(dim=0).to(dy2.dtype) if need_bias else None
     return dw, daux, dscale, db
