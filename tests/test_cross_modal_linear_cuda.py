@@ -1,0 +1,161 @@
+"""CUDA C++ backend of cross_modal_linear (csrc/) against the float64 reference.
+
+Needs a CUDA device and the built extension (``M2PT_FORCE_CUDA_BUILD=1 python setup.py build_ext
+--inplace``); skipped otherwise. Covers M in {1, 7, 64, 65, 197, 1576} (the GEMV path for M <= 64,
+the tiled path above), odd and ViT-sized K / N, bf16 / fp16 / fp32 ("highest" = FFMA, "high" = tf32),
+bias or none, λ of shape [1] or [N], every gradient, linear probing (only λ and x need gradients),
+batched and non-contiguous x, and determinism of dλ.
+"""
+import pytest
+import torch
+
+from m2pt_kernels import available_backends, cross_modal_linear, use_backend
+
+from helpers import rel_err, reference64, tolerance
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+    pytest.mark.skipif("cuda" not in available_backends(), reason="the cuda backend (m2pt_kernels._C) is not built"),
+]
+
+DEVICE = "cuda"
+TOKENS = [1, 7, 64, 65, 197, 1576]
+SHAPES = [(33, 17), (768, 2304)]  # (K, N): odd, and ViT-B attn.qkv
+# (dtype, float32 matmul precision): fp32 "highest" runs the FFMA kernels, "high" the tf32 ones.
+PRECISIONS = [(torch.bfloat16, "highest"), (torch.float16, "highest"), (torch.float32, "highest"),
+              (torch.float32, "high")]
+
+
+@pytest.fixture
+def matmul_precision(request):
+    old = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(request.param)
+    yield request.param
+    torch.set_float32_matmul_precision(old)
+
+
+def make_inputs(lead, k, n, dtype, *, bias, per_channel, weight_trainable=True, aux_trainable=True,
+                non_contiguous=False):
+    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
+        x = torch.randn(k + 3, *lead, device=DEVICE, dtype=dtype)[:k].movedim(0, -1)
+    else:
+        x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=DEVICE, dtype=torch.float32)
+    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
+    x.requires_grad_(True)
+    w.requires_grad_(weight_trainable)
+    a.requires_grad_(aux_trainable)
+    s.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, a, s, b
+
+
+def run_cuda(inputs, dy):
+    with use_backend("cuda"):
+        y = cross_modal_linear(*inputs)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in inputs]
+
+
+def check_against_reference(inputs, dy, dtype):
+    y, grads = run_cuda(inputs, dy)
+    y64, grads64 = reference64(*inputs, dy)
+    tol = tolerance(dtype, DEVICE)
+    assert y.dtype == dtype
+    assert rel_err(y, y64) < tol, ("y", rel_err(y, y64))
+    names = ["dx", "dW", "dW'", "dλ", "db"]
+    for name, t, g, g64 in zip(names, inputs, grads, grads64):
+        if t is None or not t.requires_grad:
+            assert g is None, f"{name} was computed but not asked for"
+            continue
+        assert g is not None, f"{name} missing"
+        assert g.shape == t.shape and g.dtype == t.dtype, (name, g.shape, g.dtype)
+        err = rel_err(g, g64)
+        assert err < tol, (name, err)
+
+
+@pytest.mark.parametrize("matmul_precision,dtype", [(p, d) for d, p in PRECISIONS],
+                         indirect=["matmul_precision"], ids=lambda v: str(v).replace("torch.", ""))
+@pytest.mark.parametrize("k,n", SHAPES)
+@pytest.mark.parametrize("m", TOKENS)
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+def test_matches_reference(matmul_precision, dtype, k, n, m, bias, per_channel):
+    inputs = make_inputs((m,), k, n, dtype, bias=bias, per_channel=per_channel)
+    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    check_against_reference(inputs, dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("lead", [(2, 19), (3, 40), (4, 197)])
+def test_batched_non_contiguous_x(dtype, lead):
+    inputs = make_inputs(lead, 40, 37, dtype, bias=True, per_channel=True, non_contiguous=True)
+    assert not inputs[0].is_contiguous()
+    dy = torch.randn(*lead, 37, device=DEVICE, dtype=dtype)
+    check_against_reference(inputs, dy, dtype)
+
+
+@pytest.mark.parametrize("m", [1, 197])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_probe_mode_only_lambda(dtype, m):
+    """Linear probing: W and W' frozen; dλ (and dx) computed, dW / dW' never."""
+    inputs = make_inputs((m,), 768, 768, dtype, bias=False, per_channel=False,
+                         weight_trainable=False, aux_trainable=False)
+    dy = torch.randn(m, 768, device=DEVICE, dtype=dtype)
+    check_against_reference(inputs, dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_bias_only_gradient(dtype):
+    """Only b trainable: db from the column-sum kernel (no GEMM)."""
+    x, w, a, s, b = make_inputs((65,), 33, 17, dtype, bias=True, per_channel=False,
+                                weight_trainable=False, aux_trainable=False)
+    x.requires_grad_(False)
+    s.requires_grad_(False)
+    dy = torch.randn(65, 17, device=DEVICE, dtype=dtype)
+    check_against_reference((x, w, a, s, b), dy, dtype)
+
+
+def test_wgrad_op_lambda_only_and_deterministic():
+    dy = torch.randn(1576, 2304, device=DEVICE, dtype=torch.bfloat16)
+    x = torch.randn(1576, 768, device=DEVICE, dtype=torch.bfloat16)
+    a = torch.randn(2304, 768, device=DEVICE, dtype=torch.bfloat16)
+    for numel in (1, 2304):
+        s = torch.randn(numel, device=DEVICE)
+        outs = [torch.ops.m2pt_cuda.wgrad(dy, x, a, s, False, False, True, False, False) for _ in range(2)]
+        dw, daux, dlam, db = outs[0]
+        assert dw.numel() == 0 and daux.numel() == 0 and db.numel() == 0
+        assert dlam.dtype == torch.float32 and dlam.shape == (numel,)
+        assert torch.equal(outs[0][2], outs[1][2]), "dλ is not deterministic"
+        g = dy.double().t() @ x.double()
+        ref = (g * a.double()).sum(1)
+        ref = ref if numel > 1 else ref.sum().view(1)
+        assert rel_err(dlam, ref) < 2e-2
+
+
+def test_gemv_scalar_fallback_unaligned():
+    """x starting at an odd element offset and K not a multiple of 8: the scalar GEMV path."""
+    buf = torch.randn(7 * 43 + 1, device=DEVICE, dtype=torch.bfloat16)
+    x = buf[1:].view(7, 43)
+    w = torch.randn(29, 43, device=DEVICE, dtype=torch.bfloat16)
+    a = torch.randn(29, 43, device=DEVICE, dtype=torch.bfloat16)
+    s = torch.randn(29, device=DEVICE)
+    b = torch.randn(29, device=DEVICE, dtype=torch.bfloat16)
+    y = torch.ops.m2pt_cuda.forward(x, w, a, s, b, False)
+    ref = x.double() @ (w.double() + s.double().view(-1, 1) * a.double()).t() + b.double()
+    assert rel_err(y, ref) < 2e-2
+
+
+def test_empty_tokens():
+    x = torch.randn(0, 33, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(17, 33, device=DEVICE, dtype=torch.bfloat16)
+    s = torch.randn(1, device=DEVICE)
+    y = torch.ops.m2pt_cuda.forward(x, w, w, s, None, False)
+    assert y.shape == (0, 17)
+    dw, daux, dlam, db = torch.ops.m2pt_cuda.wgrad(torch.randn(0, 17, device=DEVICE, dtype=torch.bfloat16), x, w, s,
+                                                  True, True, True, True, False)
+    assert dw.abs().sum() == 0 and dlam.abs().sum() == 0 and db.abs().sum() == 0
