@@ -361,8 +361,8 @@ def _aux_state_dict(aux: AuxSource) -> Dict[str, Tensor]:
 def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str]:
     """(target prefix to strip, aux prefix to add) so that target layer names find aux keys.
 
-    Exact names first; else the one prefix difference (e.g. ``vit.`` of ViTForImageClassification
-    vs ViTModel, or a wrapper's ``model.``) that makes the most target layers find their partner.
+    Exact names first; else one wrapper prefix present on one side only (e.g. ``vit.`` of
+    ViTForImageClassification vs ViTModel, or a wrapper's ``model.``) that pairs every selected layer.
     """
     keys = set(aux_keys)
     best, best_hits = ("", ""), sum((n + ".weight") in keys for n in selected)
@@ -378,9 +378,13 @@ def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str
             if k == rest or k.endswith("." + rest):
                 candidates.add((strip, k[: len(k) - len(rest)]))
     for strip, add in sorted(candidates):
+        # only a wrapper prefix on one side (``vit.``, ``model.``, ``backbone.``), never a block index,
+        # and only if it pairs every selected layer: anything else is not pairing by name
+        if (strip and add) or any(p.isdigit() for p in (strip + add).split(".")):
+            continue
         hits = sum(n.startswith(strip) and (add + n[len(strip):] + ".weight") in keys for n in selected)
-        if hits > best_hits:
-            best, best_hits = (strip, add), hits
+        if hits == len(selected):
+            return strip, add
     return best
 
 
@@ -465,6 +469,14 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
                             "weight directly instead of calling it; a pathway there would be ignored. Exclude it.")
     aux_keys = list(aux_sd)
     strip, add = _align_names(selected, aux_keys)
+    hits = sum(((add + n[len(strip):]) if n.startswith(strip) else n) + ".weight" in aux_sd for n in selected)
+    if hits == 0:
+        sample = [k for k in aux_keys if k.endswith(".weight")][:6]
+        raise ValueError(
+            f"add_pathways: no selected target layer has a same-named partner in {where} (target layers like "
+            f"{selected[:3]}; aux keys like {sample}). Layers are paired by qualified name: the two models use "
+            "different layer names (e.g. timm vs Hugging Face, or transformers 4.x vs 5.x ViT); convert the "
+            "auxiliary state_dict's keys to the target's names first.")
     _check_depth(model, selected, aux_keys, strip, add, where)
     pairs = []
     for name in selected:

@@ -338,6 +338,30 @@ def test_error_missing_or_mis_shaped_aux_layer():
     assert not pathway_names(target)
 
 
+class Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.backbone = inner
+
+    def forward(self, x):
+        return self.backbone(x)
+
+
+def test_wrapper_prefix_on_either_side_pairs_by_name():
+    target, aux = toy_pair()
+    wrapped = add_pathways(Wrapped(copy.deepcopy(target)), aux)  # backbone.blocks.0... <- blocks.0...
+    assert torch.equal(wrapped.backbone.blocks[2].attn.proj.aux_weight, aux.blocks[2].attn.proj.weight)
+    plain = add_pathways(copy.deepcopy(target), Wrapped(aux))  # blocks.0... <- backbone.blocks.0...
+    assert torch.equal(plain.blocks[1].mlp.fc1.aux_weight, aux.blocks[1].mlp.fc1.weight)
+
+
+def test_error_aux_uses_other_layer_names():
+    target, aux = toy_pair()
+    renamed = {k.replace("blocks.", "layers."): v for k, v in aux.state_dict().items()}
+    with pytest.raises(ValueError, match=r"no selected target layer has a same-named partner.*layers\.0\."):
+        add_pathways(target, renamed)
+
+
 def test_error_no_match_lists_nearest_names_and_presets():
     target, aux = toy_pair()
     with pytest.raises(ValueError, match=r"no module matches target_modules=\['attn\.qkvv'\].*attn\.qkv.*timm_vit"):
