@@ -52,13 +52,13 @@ SCENARIOS = {
 
 
 # ----------------------------------------------------------------------------- shared set-up
-def build_model(aux_trainable: bool, per_channel: bool, device="cpu") -> nn.Module:
+def build_model(aux_trainable: bool, per_channel: bool, device="cpu", depth: int = 2, seed: int = 1234) -> nn.Module:
     """A tiny image ViT (width 32, depth 2) with pathways to another ViT; same on every rank."""
     from m2pt_kernels.models import vit_for_images
     from m2pt_kernels.pathways import PathwayConfig, add_pathways
 
-    kw = dict(img_size=IMG, patch_size=4, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)
-    torch.manual_seed(1234)
+    kw = dict(img_size=IMG, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0)
+    torch.manual_seed(seed)
     target = vit_for_images(num_classes=NUM_CLASSES, **kw)
     aux = vit_for_images(num_classes=3, **kw)  # another model; only its block weights are used
     with torch.no_grad():
