@@ -83,7 +83,7 @@ note "env done"
 if [ "${M2PT_GPU_CHECK_SKIP_BUILD:-0}" != "0" ]; then
   note "build: skipped (M2PT_GPU_CHECK_SKIP_BUILD)"
 else
-  t=$(until_pct 27)
+  t=$(until_pct 33)
   if [ "$DRY" != "0" ]; then
     (M2PT_SKIP_CUDA_BUILD=1 timeout "$t" "$PY" setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
   else
@@ -105,7 +105,7 @@ if [ "${M2PT_GPU_CHECK_SKIP_TESTS:-0}" != "0" ]; then
   note "tests: skipped (M2PT_GPU_CHECK_SKIP_TESTS)"
 else
   : > "$OUT/tests.log"
-  t=$(until_pct 40)
+  t=$(until_pct 45)
   echo "=== pytest -m gpu tests (timeout ${t}s)" >> "$OUT/tests.log"
   timeout "$t" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
   rc=$?

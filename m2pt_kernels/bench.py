@@ -346,9 +346,18 @@ def provider_status(device: torch.device, allow_interpreter: bool = False, compi
 class _Instance:
     """One input set for one provider: the callable, its inputs, and what needs gradients."""
 
-    def __init__(self, fn, x, dy, grads):
+    def __init__(self, fn, x, dy, grads, backend=None):
         self.fn, self.x, self.dy, self.grads = fn, x, dy, grads
+        self.backend = backend  # ours: the use_backend() name to hold around calls of fn
         self.y = None
+
+    def backend_ctx(self):
+        """``use_backend(name)`` for our providers (entered once around a timing loop: its entry
+        check is not part of the op's per-call cost), else a null context."""
+        if self.backend is None:
+            return contextlib.nullcontext()
+        from ._dispatch import use_backend
+        return use_backend(self.backend)
 
     def clear_grads(self):
         for t in self.grads:
@@ -396,7 +405,6 @@ def _random_set(c: Case, device, gen: torch.Generator):
 def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str]) -> _Instance:
     from .baselines import PaperCrossModalReparamLinear
     from .ops.cross_modal_linear import cross_modal_linear
-    from ._dispatch import use_backend
     probe = c.pass_ == "probe"
     x = data["x"].clone().requires_grad_(True)
     if provider == "plain":
@@ -428,10 +436,8 @@ def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str
         lam = data["lam"].clone().requires_grad_(True)
         b = data["b"].clone().requires_grad_(not probe)
 
-        def fn():
-            with use_backend(provider):
-                return cross_modal_linear(x, w, aux, lam, b)
-        return _Instance(fn, x, data["dy"], [t for t in (x, w, aux, lam, b) if t.requires_grad])
+        return _Instance(lambda: cross_modal_linear(x, w, aux, lam, b), x, data["dy"],
+                         [t for t in (x, w, aux, lam, b) if t.requires_grad], backend=provider)
     raise ValueError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
 
 
@@ -445,63 +451,90 @@ def n_input_sets(c: Case, device: torch.device) -> int:
     return int(min(32, max(2, math.ceil(3 * l2 / set_bytes))))
 
 
-def run_provider(provider: str, c: Case, sets: list, device, args) -> tuple[float, list[float], Optional[float], int]:
-    """(median ms, [p20, p80], peak MB above the inputs or None, repeats) of one provider on one case."""
-    insts = [make_instance(provider, c, d, args.compile_mode) for d in sets]
-    n = len(insts)
+class _Runner:
+    """One provider on one case: its input-set instances and the pass's step / setup functions."""
 
-    def fwd(i):
-        inst = insts[i % n]
-        inst.y = inst.fn()
-        inst.y = None
+    def __init__(self, provider: str, c: Case, sets: list, device, args):
+        self.provider, self.c, self.device, self.args = provider, c, device, args
+        self.insts = [make_instance(provider, c, d, args.compile_mode) for d in sets]
+        n = len(self.insts)
+        insts = self.insts
 
-    def fwd_bwd(i):
-        inst = insts[i % n]
-        inst.fn().backward(inst.dy)
+        def fwd(i):
+            inst = insts[i % n]
+            inst.y = inst.fn()
+            inst.y = None
 
-    def bwd_setup(i):
-        inst = insts[i % n]
-        inst.clear_grads()
-        inst.y = inst.fn()
+        def fwd_bwd(i):
+            inst = insts[i % n]
+            inst.fn().backward(inst.dy)
 
-    def bwd(i):
-        inst = insts[i % n]
-        y, inst.y = inst.y, None
-        y.backward(inst.dy)
-
-    def clear(i):
-        insts[i % n].clear_grads()
-
-    if c.pass_ == "fwd":
-        step, setup = fwd, clear
-    elif c.pass_ == "bwd":
-        step, setup = bwd, bwd_setup
-    else:
-        step, setup = fwd_bwd, clear
-
-    peak = None
-    if device.type == "cuda":  # one untimed run for the memory figure: the full pass above the inputs
-        for inst in insts:
+        def bwd_setup(i):
+            inst = insts[i % n]
             inst.clear_grads()
-        if c.pass_ == "bwd":
-            bwd_setup(0)
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        step(0)
-        _sync(device)
-        peak = (torch.cuda.max_memory_allocated(device) - base) / MB
-    warmup = max(3, n) if device.type == "cuda" else 2
-    times = time_loop(step, device, setup=setup, warmup=warmup, reps=args.reps,
-                      target_s=args.target_s, min_reps=max(5, n if device.type == "cuda" else 5),
-                      max_reps=args.max_reps)
-    ms, spread = summarize(times)
-    for inst in insts:
-        inst.clear_grads()
-    return ms, spread, peak, len(times)
+            inst.y = inst.fn()
+
+        def bwd(i):
+            inst = insts[i % n]
+            y, inst.y = inst.y, None
+            y.backward(inst.dy)
+
+        def clear(i):
+            insts[i % n].clear_grads()
+
+        self.bwd_setup = bwd_setup
+        if c.pass_ == "fwd":
+            self.step, self.setup = fwd, clear
+        elif c.pass_ == "bwd":
+            self.step, self.setup = bwd, bwd_setup
+        else:
+            self.step, self.setup = fwd_bwd, clear
+        self.reps_per_round = 0
+        self.times: list[float] = []
+        self.peak: Optional[float] = None
+
+    def prepare(self, rounds: int) -> None:
+        """Peak memory (GPU: one untimed pass above what is already allocated), warm-up (compiles,
+        autotuning) and the repeat count per round (``--reps`` in all, or ~``--target-s`` of timing)."""
+        device, n = self.device, len(self.insts)
+        with self.insts[0].backend_ctx():
+            if device.type == "cuda":
+                for inst in self.insts:
+                    inst.clear_grads()
+                if self.c.pass_ == "bwd":
+                    self.bwd_setup(0)
+                _sync(device)
+                torch.cuda.reset_peak_memory_stats(device)
+                base = torch.cuda.memory_allocated(device)
+                self.step(0)
+                _sync(device)
+                self.peak = (torch.cuda.max_memory_allocated(device) - base) / MB
+            warmup = max(3, n) if device.type == "cuda" else 2
+            t0 = time.perf_counter()
+            time_loop(self.step, device, setup=self.setup, warmup=warmup, reps=1)
+            per = (time.perf_counter() - t0) / (warmup + 1)
+        if self.args.reps:
+            total = self.args.reps
+        else:
+            total = int(min(self.args.max_reps, max(5, self.args.target_s / max(per, 1e-6))))
+        if device.type == "cuda":
+            total = max(total, n)
+        self.reps_per_round = max(1, math.ceil(total / rounds))
+
+    def timed_round(self, offset: int) -> None:
+        with self.insts[0].backend_ctx():
+            self.times += time_loop(lambda i: self.step(i + offset), self.device,
+                                    setup=lambda i: self.setup(i + offset), warmup=0, reps=self.reps_per_round)
+
+    def close(self) -> None:
+        for inst in self.insts:
+            inst.clear_grads()
+        self.insts = []
 
 
 def run_case(c: Case, providers: list[str], status: dict, device, args, peaks: dict) -> dict:
+    """Time every provider on one case. The providers' repeats are interleaved in rounds
+    (``--rounds``), so a change in the machine's load or clocks during the case hits them alike."""
     gen = torch.Generator(device=device).manual_seed(sum(map(ord, repr(c.key()))) * 7919 + 1)
     nsets = n_input_sets(c, device)
     sets = [_random_set(c, device, gen) for _ in range(nsets)]
@@ -517,27 +550,47 @@ def run_case(c: Case, providers: list[str], status: dict, device, args, peaks: d
             rec["auto_resolves_to"] = _dispatch.resolve(sets[0]["x"], "auto")
         except Exception as exc:
             rec["auto_resolves_to"] = f"error: {exc}"
+
+    def fail(p, exc):
+        msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
+        rec["errors"][p] = msg
+        print(f"  {p:>15}: FAILED {msg}", flush=True)
+
+    rounds = max(1, args.rounds)
+    runners: dict = {}
     for p in providers:
         if not status[p]["ok"]:
             continue
         t0 = time.perf_counter()
         try:
-            ms, spread, peak, reps = run_provider(p, c, sets, device, args)
+            r = _Runner(p, c, sets, device, args)
+            r.prepare(rounds)
+            runners[p] = r
         except Exception as exc:
-            msg = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:500]
-            rec["errors"][p] = msg
-            print(f"  {p:>15}: FAILED {msg}", flush=True)
-            continue
+            fail(p, exc)
         finally:
             if p == "paper_compiled":
                 args._compile_spent += time.perf_counter() - t0
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+    offset = 0
+    for _ in range(rounds):
+        for p in list(runners):
+            try:
+                runners[p].timed_round(offset)
+            except Exception as exc:
+                fail(p, exc)
+                runners.pop(p).close()
+        offset += max((r.reps_per_round for r in runners.values()), default=0)
+    for p, r in runners.items():
+        ms, spread = summarize(r.times)
         rec["ms"][p] = ms
         rec["ms_spread"][p] = spread
-        rec["peak_mb"][p] = peak
-        rec["reps"][p] = reps
+        rec["peak_mb"][p] = r.peak
+        rec["reps"][p] = len(r.times)
         rec["tflops"][p] = flops / (ms * 1e-3) / 1e12
+        r.close()
+    runners.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rec
 
 
@@ -1141,6 +1194,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of --budget-s kept for the whole-model section")
     p.add_argument("--reps", type=int, default=None, help="fixed repeat count (default: ~--target-s of timing)")
     p.add_argument("--max-reps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None,
+                   help="interleave the providers' repeats in this many rounds (default GPU 2, CPU 5)")
     p.add_argument("--target-s", type=float, default=None, help="seconds of timed repeats per provider and case")
     p.add_argument("--model-reps", type=int, default=None)
     p.add_argument("--model-batch", type=int, default=None, help="images per whole-model step (GPU default 64)")
@@ -1168,6 +1223,8 @@ def run(args) -> dict:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.max_reps is None:
         args.max_reps = 200 if device.type == "cuda" else 30
+    if args.rounds is None:
+        args.rounds = 2 if device.type == "cuda" else 5
     if args.target_s is None:
         args.target_s = 0.15 if device.type == "cuda" else (0.05 if args.tiny else 0.3)
     if args.compile_mode is None and device.type == "cuda":

@@ -88,7 +88,8 @@ def test_providers_compute_the_same_function(pas, aux_trainable):
     outs = {}
     for p in ("plain", "paper", "auto", "reference"):
         inst = bench.make_instance(p, case, data, None)
-        y = inst.fn()
+        with inst.backend_ctx():
+            y = inst.fn()
         y.backward(inst.dy)
         outs[p] = (y.detach(), inst.x.grad, [t.grad for t in inst.grads])
         expected_grads = 2 if pas == "probe" else (5 if aux_trainable or p == "plain" else 4)
