@@ -133,6 +133,14 @@ def test_linear_probe_split_m(split_m, with_bias):
         check_against_reference((x, w, a, s, b), torch.float32)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_scale_in_half_precision(per_channel):
+    """λ stored in bf16 (a model cast with .to(torch.bfloat16)): read in fp32, dλ comes back in bf16."""
+    x, w, a, s, b = make_inputs((2, 9), 21, 14, torch.float16, per_channel=per_channel)
+    s = s.detach().to(torch.bfloat16).requires_grad_(True)
+    check_against_reference((x, w, a, s, b), torch.float16)
+
+
 def test_scale_only_no_dgrad():
     """x frozen too: only dλ is computed (no dgrad launch)."""
     x, w, a, s, b = make_inputs((9,), 21, 14, torch.bfloat16, weight_trainable=False, aux_trainable=False,

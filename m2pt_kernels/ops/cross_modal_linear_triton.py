@@ -285,6 +285,11 @@ def _upcast(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and _interpreting()
 
 
+def _on_device(t: Tensor):
+    """Launch on the tensors' GPU, not the current one (triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _meta(kind: str) -> Optional[dict]:
     """Explicit meta-parameters, or None to autotune."""
     if kind in _override:
@@ -314,12 +319,13 @@ def _merged_gemm(a: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor,
     flags = dict(LAM_ON_R=lam_on_r, HAS_BIAS=bias is not None,
                  PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype))
     meta = _meta("gemm")
-    if meta is None:
-        grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(nc, META["BLOCK_C"]),)  # noqa: E731
-        _gemm_tuned[grid](*args, **flags)
-    else:
-        grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nc, meta["BLOCK_C"]),)
-        _merged_gemm_kernel[grid](*args, **flags, **meta)
+    with _on_device(a):
+        if meta is None:
+            grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(nc, META["BLOCK_C"]),)  # noqa: E731
+            _gemm_tuned[grid](*args, **flags)
+        else:
+            grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nc, meta["BLOCK_C"]),)
+            _merged_gemm_kernel[grid](*args, **flags, **meta)
     return out
 
 
@@ -381,13 +387,14 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
             k_tiles * n, split, triton.next_power_of_2(m))
     flags = dict(NEED_W=need_weight, NEED_AUX=need_aux, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
                  PRECISION=_precision(dy2.dtype), UPCAST=_upcast(dy2.dtype))
-    if meta is None:
-        grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
-        _wgrad_tuned[grid](*args, **flags)
-        k_tiles = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
-    else:
-        grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
-        _wgrad_kernel[grid](*args, **flags, **meta)
+    with _on_device(dy2):
+        if meta is None:
+            grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
+            _wgrad_tuned[grid](*args, **flags)
+            k_tiles = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
+        else:
+            grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
+            _wgrad_kernel[grid](*args, **flags, **meta)
 
     dscale = None
     if need_scale:
