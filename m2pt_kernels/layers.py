@@ -279,9 +279,17 @@ class FusedCrossModalLinear(nn.Module):
         self._cache = None
         return super()._apply(keep_scale_fp32, recurse)
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
         self._cache = None
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if strict and prefix + "weight" in state_dict and not any(
+                prefix + k in state_dict for k in ("aux_weight", "cross_modal_scale")):
+            error_msgs.append(
+                f"{prefix or '(root)'}: the checkpoint has no pathway for this layer (no {prefix}aux_weight / "
+                f"{prefix}cross_modal_scale): it is a merged or plain checkpoint. Load it into the plain model, "
+                "or load it first and call add_pathways afterwards.")
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     def train(self, mode: bool = True):
         self._cache = None

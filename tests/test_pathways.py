@@ -233,6 +233,14 @@ def test_merge_state_dict_bf16_fp32_math():
     assert torch.equal(out["l.weight"], (w.float() + 0.3 * a.float()).to(torch.bfloat16))
 
 
+def test_loading_a_merged_checkpoint_into_a_pathway_model_says_so():
+    target, aux = toy_pair()
+    plain_sd = target.state_dict()
+    add_pathways(target, aux)
+    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.: the checkpoint has no pathway.*merged or plain"):
+        target.load_state_dict(plain_sd)
+
+
 def test_merge_errors():
     with pytest.raises(ValueError, match=re.escape("this checkpoint has no pathways (no *.aux_weight / "
                                                    "*.cross_modal_scale keys): it is already merged or a plain model")):
