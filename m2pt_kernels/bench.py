@@ -210,6 +210,14 @@ def git_commit() -> Optional[str]:
         return None
 
 
+def _loadavg() -> Optional[list[float]]:
+    """The 1/5/15-minute load averages (a busy host makes CPU timings noisy); None where unknown."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (OSError, AttributeError):
+        return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -1018,7 +1026,14 @@ def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priorit
         seen = {p for c in cases for p in c["ms"]}
         providers = [p for p in PROVIDERS if p in seen]
     dev = f"{res.get('device')} (torch {res.get('torch')}, triton {res.get('triton')}, {res.get('date')}, commit {str(res.get('commit'))[:12]})"
-    lines = [f"Device: {dev}. Median ms (× plain); aux = aux trainable (T) or frozen (F).", ""]
+    lines = [f"Device: {dev}. Median ms (× plain); aux = aux trainable (T) or frozen (F)."]
+    if res.get("note"):
+        lines.append(f"Note: {res['note']}")
+    host = res.get("host") or {}
+    if res.get("device_type") == "cpu" and host.get("loadavg_start"):
+        lines.append(f"Host load average at start / end: {host.get('loadavg_start')} / {host.get('loadavg_end')} "
+                     f"on {host.get('cpu_count')} cores, {host.get('torch_threads')} torch thread(s).")
+    lines.append("")
     head = ["model", "layer", "M", "K→N", "dtype", "pass", "aux"] + providers
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
@@ -1205,7 +1220,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch.compile mode of paper_compiled (GPU default max-autotune-no-cudagraphs: no other "
                         "provider uses CUDA graphs; CPU default: torch's default)")
     p.add_argument("--compile-budget-s", type=float, default=None,
-                   help="stop timing paper_compiled once its compiles took this long (default 40%% of --budget-s)")
+                   help="stop timing paper_compiled once its compiles took this long (default 30%% of --budget-s)")
     p.add_argument("--no-compile", action="store_true", help="skip paper_compiled")
     p.add_argument("--allow-interpreter", action="store_true", help="time the triton backend under TRITON_INTERPRET")
     p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<date>-<device>.json)")
@@ -1214,6 +1229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 with --tiny, else torch's; on a shared or loaded "
                         "machine 1 thread gives far steadier CPU numbers)")
+    p.add_argument("--note", default=None, help="free text recorded in the results and shown above the table")
     p.add_argument("--quiet", action="store_true")
     return p
 
@@ -1233,7 +1249,7 @@ def run(args) -> dict:
         args.compile_mode = None
     args._compile_spent = 0.0
     compile_budget = args.compile_budget_s if args.compile_budget_s is not None else (
-        0.4 * args.budget_s if args.budget_s else None)
+        0.3 * args.budget_s if args.budget_s else None)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     out_path = None if args.no_save else (args.out or default_out(device))
 
@@ -1264,7 +1280,9 @@ def run(args) -> dict:
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "mode": "tiny" if args.tiny else args.mode,
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
-        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()},
+        "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                 "loadavg_start": _loadavg()},
+        "note": args.note,
         "float32_matmul_precision": torch.get_float32_matmul_precision(),
         "compile": {"mode": args.compile_mode or "default", "dynamic_M": True},
         "peaks": peaks, "providers": status, "skipped": skipped, "cases": [], "dropped": dropped,
@@ -1277,12 +1295,12 @@ def run(args) -> dict:
                       "capability": f"{props.major}.{props.minor}"}
     _write_json(res, out_path)
 
-    def over_budget() -> bool:
-        return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s
+    def over_budget(reserve: float = 0.0) -> bool:
+        return bool(args.budget_s) and time.perf_counter() - t_start > args.budget_s - reserve
 
-    def run_cases(todo: list[Case]):
+    def run_cases(todo: list[Case], reserve: float = 0.0):
         for i, c in enumerate(todo):
-            if over_budget():
+            if over_budget(reserve):
                 res["dropped"] += [{"case": d.label(), "priority": d.priority, "reason": "budget spent at run time"}
                                    for d in todo[i:]]
                 return
@@ -1301,7 +1319,7 @@ def run(args) -> dict:
 
     first = [c for c in cases if c.priority == 0]
     rest = [c for c in cases if c.priority != 0]
-    run_cases(first)
+    run_cases(first, reserve=args.model_reserve_s if args.whole_model else 0.0)
     if args.whole_model:
         if over_budget():
             res["whole_model"] = {"error": "budget spent before the whole-model section", "variants": {}}
@@ -1314,6 +1332,7 @@ def run(args) -> dict:
         _write_json(res, out_path)
     run_cases(rest)
     res["targets"] = evaluate_targets(res)
+    res["host"]["loadavg_end"] = _loadavg()
     res["elapsed_s"] = time.perf_counter() - t_start
     res["complete"] = True
     _write_json(res, out_path)
