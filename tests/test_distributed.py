@@ -127,3 +127,68 @@ def test_nccl_ranks_match_one_process(tmp_path):
         ref = w.single_process_reference(name, device="cuda:0")
         tol = 1e-4 if torch.get_float32_matmul_precision() == "highest" else 1e-3
         _compare(name, results[name], ref, tol=tol, device="cuda")
+
+
+# ============================================================================ the torchrun example
+EXAMPLE = w.REPO / "python" / "train_torchrun.py"
+TINY = ["--embed-dim", "32", "--depth", "2", "--heads", "2", "--img-size", "16", "--batch-size", "4",
+        "--log-every", "1"]
+
+
+def _torchrun(args, tmp_path, timeout=120):
+    import json
+    import os
+    import subprocess
+    import sys
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(EXAMPLE), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env.pop("RANK", None)
+    proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    summaries = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(summaries) == 1, proc.stdout  # printed by rank 0 only
+    return summaries[0], proc.stdout
+
+
+def test_torchrun_example_help():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, str(EXAMPLE), "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--strategy" in out.stdout and "fsdp2" in out.stdout
+
+
+@pytest.mark.skipif(not _gloo_ok(), reason="gloo backend not available")
+def test_torchrun_example_ddp_two_processes(tmp_path):
+    summary, log = _torchrun(["--strategy", "ddp", "--steps", "4", "--grad-accum", "2", "--amp", "bf16",
+                              "--checkpointing", *TINY], tmp_path)
+    assert summary["world_size"] == 2 and summary["strategy"] == "ddp" and summary["backend"] == "gloo"
+    assert summary["finite"] and summary["final_loss"] < summary["first_loss"], log
+
+
+@pytest.mark.skipif(not _gloo_ok(), reason="gloo backend not available")
+def test_torchrun_example_fsdp2_two_processes_and_saved_model_loads(tmp_path):
+    from m2pt_kernels.pathways import merge_pathways
+    from m2pt_kernels.layers import FusedCrossModalLinear
+    saved = tmp_path / "model.pt"
+    summary, log = _torchrun(["--strategy", "fsdp2", "--steps", "4", "--per-channel-scale", "--save", str(saved),
+                              *TINY], tmp_path)
+    assert summary["world_size"] == 2 and summary["strategy"] == "fsdp2"
+    assert summary["finite"] and summary["final_loss"] < summary["first_loss"], log
+    # the full (unsharded) state_dict loads into a one-process model with the same pathways
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_torchrun", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    args = example.parse_args(["--per-channel-scale", *TINY])
+    model = example.build_model(args, torch.device("cpu"))
+    state = torch.load(saved, weights_only=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.endswith("cross_modal_scale"))
+    layer = next(m for m in model.modules() if isinstance(m, FusedCrossModalLinear))
+    assert tuple(layer.cross_modal_scale.shape) == (layer.out_features,) and not layer.aux_trainable
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        y = model(x)
+        merged = merge_pathways(model)
+        assert rel_err(merged(x), y) < 1e-5
