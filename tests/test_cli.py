@@ -1,0 +1,247 @@
+"""The ``m2pt`` command end to end: demo (tiny size, twice for determinism), info, merge on both
+checkpoint formats and on bad input, bench dispatch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+
+from m2pt_kernels.baselines import PaperCrossModalReparamLinear
+from m2pt_kernels.cli import main
+from m2pt_kernels.models import vit_for_images, vit_for_point_clouds
+
+BLOCK_LINEARS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+TINY = ["--aux-steps", "12", "--steps", "16", "--seeds", "2", "--eval-every", "8", "--timing-repeats", "2",
+        "--no-progress"]
+
+HAS_DEMO_DEPS = all(__import__("importlib").util.find_spec(m) for m in ("sklearn", "matplotlib", "safetensors"))
+
+
+def _target():
+    return vit_for_images(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2,
+                          mlp_ratio=2.0, num_classes=4)
+
+
+def _aux():
+    return vit_for_point_clouds(num_groups=4, group_size=4, hidden=8, embed_dim=16, depth=2, num_heads=2,
+                                mlp_ratio=2.0, num_classes=3)
+
+
+def _run(capsys, *argv):
+    rc = main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+# ---------------------------------------------------------------- demo
+
+@pytest.fixture(scope="module")
+def demo_reports(tmp_path_factory):
+    if not HAS_DEMO_DEPS:
+        pytest.skip("m2pt demo needs scikit-learn, matplotlib and safetensors (pip install 'm2pt_kernels[demo]')")
+    reports = []
+    for i in range(2):
+        out = tmp_path_factory.mktemp(f"demo{i}")
+        assert main(["demo", "--out", str(out), *TINY]) == 0
+        with open(out / "report.json") as f:
+            reports.append((out, json.load(f)))
+    return reports
+
+
+def test_demo_writes_a_sane_report(demo_reports):
+    out, rep = demo_reports[0]
+    assert (out / "training_curves.png").stat().st_size > 10_000
+    assert (out / "target_merged.safetensors").exists() and (out / "target_with_pathways.safetensors").exists()
+    assert rep["config"]["steps"] == 16 and rep["config"]["seeds"] == 2 and rep["config"]["aux_steps"] == 12
+    assert 0.0 <= rep["auxiliary"]["test_acc"] <= 1.0
+    assert len(rep["auxiliary"]["curve"]["train_loss"]) == 12
+    summary = rep["target"]["summary"]
+    for v in ("baseline", "control", "m2pt"):
+        runs = rep["target"]["runs"][v]
+        assert len(runs) == 2 and [r["curve"]["test_acc_step"] for r in runs] == [[8, 16], [8, 16]]
+        assert all(0.0 <= r["test_acc"] <= 1.0 and r["time_per_step_s"] > 0 for r in runs)
+        assert all(all(torch.isfinite(torch.tensor(r["curve"]["train_loss"]))) for r in runs)
+        accs = [r["test_acc"] for r in runs]
+        assert summary[v]["test_acc_mean"] == pytest.approx(sum(accs) / 2)
+    for v in ("control", "m2pt"):  # λ of 4 blocks x 4 linears, moved off its init 0
+        lam = summary[v]["scales_mean"]
+        assert sorted(lam) == sorted(f"blocks.{i}.{n}" for i in range(4) for n in BLOCK_LINEARS)
+        assert any(abs(x) > 0 for x in lam.values())
+    assert rep["target"]["runs"]["baseline"][0]["scales"] == {}
+    m = rep["merge"]
+    assert m["max_abs_diff_logits"] < 1e-4 and m["argmax_agreement"] == 1.0
+    assert m["reload_strict_max_abs_diff"] == 0.0
+    assert m["params_merged"] == m["params_baseline"] < m["params_with_pathways"]
+    assert all(t > 0 for t in m["inference_median_s"].values())
+
+
+def test_demo_is_deterministic(demo_reports):
+    (_, a), (_, b) = demo_reports
+
+    def numbers(rep):
+        t = rep["target"]["runs"]
+        return (rep["auxiliary"]["curve"]["train_loss"], rep["auxiliary"]["test_acc"],
+                {v: [(r["curve"]["train_loss"], r["curve"]["test_acc"], r["scales"]) for r in t[v]] for v in t},
+                rep["merge"]["max_abs_diff_logits"])
+
+    assert numbers(a) == numbers(b)
+
+
+def test_demo_merged_checkpoint_loads_into_plain_model(demo_reports):
+    from m2pt_kernels.demo import build_target
+    from m2pt_kernels.pathways import is_pathway_state_dict, load_checkpoint
+
+    out, _ = demo_reports[0]
+    sd = load_checkpoint(str(out / "target_merged.safetensors"))
+    assert not is_pathway_state_dict(sd)
+    build_target(0).load_state_dict(sd, strict=True)
+    assert is_pathway_state_dict(load_checkpoint(str(out / "target_with_pathways.safetensors")))
+
+
+def test_demo_bad_options(capsys, tmp_path):
+    rc, _, err = _run(capsys, "demo", "--steps", "0", "--out", str(tmp_path))
+    assert rc == 2 and "--steps" in err and "Traceback" not in err
+    rc, _, err = _run(capsys, "demo", "--device", "nonsense", "--out", str(tmp_path))
+    assert rc == 2 and "device" in err
+
+
+# ---------------------------------------------------------------- info / bench / usage
+
+def test_info_in_process(capsys):
+    rc, out, _ = _run(capsys, "info")
+    assert rc == 0 and "torch" in out and "reference" in out and "yes" in out
+    rc, out, _ = _run(capsys, "info", "--json")
+    info = json.loads(out)
+    assert rc == 0 and info["torch"] == torch.__version__ and info["backends"]["reference"]["available"]
+    assert set(info["backends"]) == {"reference", "triton", "cuda"}
+    assert all(b["why"] for b in info["backends"].values())
+
+
+def test_info_as_subprocess():
+    env = dict(os.environ)
+    proc = subprocess.run([sys.executable, "-m", "m2pt_kernels", "info"], capture_output=True, text=True,
+                          timeout=120, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert proc.returncode == 0, proc.stderr
+    assert "m2pt_kernels" in proc.stdout and "backends" in proc.stdout and "reference" in proc.stdout
+
+
+def test_usage_errors(capsys):
+    assert _run(capsys, "frobnicate")[0] == 2
+    assert _run(capsys, "merge", "only-one-arg")[0] == 2
+    assert _run(capsys)[0] == 2
+    assert _run(capsys, "--help")[0] == 0
+
+
+def test_bench_forwards_its_arguments(monkeypatch, capsys):
+    import types
+    seen = {}
+    fake = types.ModuleType("m2pt_kernels.bench")
+    fake.main = lambda argv=None: seen.setdefault("argv", argv) and 0
+    monkeypatch.setitem(sys.modules, "m2pt_kernels.bench", fake)
+    assert main(["bench", "--quick", "--out", "x.json"]) == 0
+    assert seen["argv"] == ["--quick", "--out", "x.json"]
+
+
+def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "m2pt_kernels.bench", None)  # import raises ModuleNotFoundError
+    rc, _, err = _run(capsys, "bench")
+    assert rc == 2 and "m2pt_kernels.bench" in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- merge
+
+def _ours_checkpoint(path):
+    """A target trained with this package's pathways: FusedCrossModalLinear layers, λ moved off 0."""
+    from m2pt_kernels.pathways import add_pathways, save_checkpoint
+    model = add_pathways(_target(), _aux())
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("cross_modal_scale"):
+                p.copy_(torch.randn_like(p))
+    save_checkpoint(model.state_dict(), str(path))
+    return model.eval()
+
+
+def _paper_checkpoint(path):
+    """The paper's format: its CrossModalReparamLinear in every block linear, saved as {'model': sd, ...}."""
+    model, aux = _target(), _aux()
+    aux_modules = dict(aux.named_modules())
+    for i in range(2):
+        for lin in BLOCK_LINEARS:
+            name = f"blocks.{i}.{lin}"
+            parent_name, _, child = name.rpartition(".")
+            parent, old = model.get_submodule(parent_name), model.get_submodule(name)
+            new = PaperCrossModalReparamLinear(old.in_features, old.out_features, bias=old.bias is not None,
+                                               origin_layer=old, aux_weight=aux_modules[name].weight)
+            with torch.no_grad():
+                new.cross_modal_scale.copy_(torch.randn(1))
+            setattr(parent, child, new)
+    torch.save({"model": model.state_dict(), "epoch": 3, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("fmt,in_suffix,out_suffix", [("ours", ".safetensors", ".safetensors"),
+                                                     ("ours", ".safetensors", ".pth"),
+                                                     ("paper", ".pth", ".safetensors"),
+                                                     ("paper", ".pth", ".pth")])
+def test_merge_both_formats(fmt, in_suffix, out_suffix, tmp_path, capsys):
+    from m2pt_kernels.pathways import load_checkpoint
+    src, dst = tmp_path / f"train{in_suffix}", tmp_path / f"merged{out_suffix}"
+    trained = (_ours_checkpoint if fmt == "ours" else _paper_checkpoint)(src)
+    before = src.read_bytes()
+    rc, out, err = _run(capsys, "merge", str(src), str(dst))
+    assert rc == 0, err
+    assert "merged 8 pathway layer(s)" in out
+    assert src.read_bytes() == before  # input untouched
+    plain = _target().eval()
+    plain.load_state_dict(load_checkpoint(str(dst)), strict=True)
+    assert not any(isinstance(m, PaperCrossModalReparamLinear) for m in plain.modules())
+    assert all(type(m) is nn.Linear for n, m in plain.named_modules() if n.endswith(BLOCK_LINEARS))
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+    assert not any(f.name.startswith(".") for f in tmp_path.iterdir())  # no temp files left behind
+
+
+def test_merge_bad_input(tmp_path, capsys):
+    def err_of(*argv):
+        rc, _, err = _run(capsys, "merge", *argv)
+        assert rc == 2, (argv, err)
+        assert "Traceback" not in err and err.count("\n") == 1, err
+        return err
+
+    good = tmp_path / "train.safetensors"
+    _ours_checkpoint(good)
+    assert "does not exist" in err_of(str(tmp_path / "missing.pth"), str(tmp_path / "o.pth"))
+    # wrong format: an unknown suffix, and a file that is not a checkpoint
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    assert "format" in err_of(str(txt), str(tmp_path / "o.pth"))
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"definitely not a pickle")
+    assert "cannot read" in err_of(str(junk), str(tmp_path / "o.pth"))
+    junk_st = tmp_path / "junk.safetensors"
+    junk_st.write_bytes(b"\x00" * 64)
+    assert "cannot read" in err_of(str(junk_st), str(tmp_path / "o.pth"))
+    assert "format" in err_of(str(good), str(tmp_path / "o.onnx"))
+    # no pathways
+    plain = tmp_path / "plain.pth"
+    torch.save(_target().state_dict(), plain)
+    assert "no pathways" in err_of(str(plain), str(tmp_path / "o.pth"))
+    # OUT == IN, also spelled differently
+    before = good.read_bytes()
+    assert "same file" in err_of(str(good), str(good))
+    assert "same file" in err_of(str(good), str(tmp_path / "." / "train.safetensors"))
+    assert good.read_bytes() == before
+    # OUT exists: refused without --force, replaced with it
+    out = tmp_path / "exists.safetensors"
+    out.write_bytes(b"keep me")
+    assert "--force" in err_of(str(good), str(out))
+    assert out.read_bytes() == b"keep me"
+    assert main(["merge", str(good), str(out), "--force"]) == 0
+    assert out.read_bytes() != b"keep me"
+    assert "same file" in err_of(str(good), str(good), "--force")
+    assert not (tmp_path / "o.pth").exists()
