@@ -252,3 +252,42 @@ def _args(m=3, k=8, n=5, dtype=torch.float32):
 def test_binding_argument_checks(call, message):
     with pytest.raises(RuntimeError, match=message):
         call(*_args())
+
+
+# ---- setup.py helpers: toolkit discovery, headers, build record ------------------------------------
+
+def test_find_cuda_toolkit_through_wrapper_script(setup_module_, tmp_path):
+    """An nvcc wrapper script (like /usr/local/bin/nvcc here): the root comes from `nvcc -dryrun`."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    nvcc = bindir / "nvcc"
+    nvcc.write_text("#!/bin/sh\necho '#$ TOP=/opt/fake-cuda-13.0/bin/..' >&2\n")
+    nvcc.chmod(0o755)
+    assert setup_module_.find_cuda_toolkit({"PATH": str(bindir)}) == "/opt/fake-cuda-13.0"
+
+
+def test_nvidia_headers_only_when_toolkit_lacks_them(setup_module_, tmp_path):
+    full = tmp_path / "full"
+    (full / "include").mkdir(parents=True)
+    (full / "include" / "cusparse.h").write_text("")
+    assert setup_module_.nvidia_include_dirs(str(full)) == []
+    found = setup_module_.nvidia_include_dirs(str(tmp_path / "minimal"))
+    assert all(os.path.isdir(d) and os.sep + "nvidia" + os.sep in d for d in found)
+    if importlib.util.find_spec("nvidia") is not None and any(
+            os.path.exists(os.path.join(d, "cusparse.h")) for d in found):
+        assert any(os.path.exists(os.path.join(d, "cuda_runtime_api.h")) for d in found)
+
+
+def test_build_record_header(setup_module_, tmp_path, monkeypatch):
+    monkeypatch.setattr(setup_module_, "HERE", str(tmp_path))
+    out = setup_module_.write_build_info("2.14.1+cu130", "13.0", "8.0+PTX;9.0a")
+    text = open(os.path.join(out, "m2pt_build_info.h")).read()
+    assert '#define M2PT_BUILD_TORCH_VERSION "2.14.1+cu130"' in text
+    assert '#define M2PT_BUILD_CUDA_VERSION "13.0"' in text
+    assert '#define M2PT_BUILD_CUDA_ARCHS "8.0+PTX;9.0a"' in text
+    # The loader parses what the C++ side makes of these defines.
+    record = b"M2PT_BUILD_INFO;torch=2.14.1+cu130;cuda=13.0;archs=8.0+PTX;9.0a;END"
+    path = tmp_path / "lib.so"
+    path.write_bytes(b"\x00" + record + b"\x00")
+    assert cuda_backend.read_build_info(str(path)) == {"torch": "2.14.1+cu130", "cuda": "13.0",
+                                                       "archs": "8.0+PTX;9.0a"}
