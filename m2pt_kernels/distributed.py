@@ -55,6 +55,17 @@ def _default_group_check(where: str) -> None:
                            "torch.distributed.init_process_group first (torchrun sets up the environment)")
 
 
+def _collective_device(model: nn.Module, group) -> torch.device:
+    """Where a small bookkeeping tensor must live for this group's backend (NCCL: CUDA only)."""
+    import torch.distributed as dist
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.device.type != "meta":
+            return t.device
+    if "nccl" in str(dist.get_backend(group)).lower():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def broadcast_aux_buffers(model: nn.Module, src: int = 0, group=None) -> nn.Module:
     """Copy every frozen auxiliary weight of ``model`` from rank ``src`` to all ranks, in place.
 
@@ -86,7 +97,7 @@ def check_aux_buffers_consistent(model: nn.Module, src: int = 0, group=None) -> 
         dist.broadcast(ref, src=src, group=group)
         if not torch.equal(ref, buf):
             mismatched.append(name)
-    device = buffers[0][1].device if buffers else torch.device("cpu")
+    device = _collective_device(model, group)
     flags = torch.zeros(dist.get_world_size(group), dtype=torch.int32, device=device)
     flags[dist.get_rank(group)] = len(mismatched)
     dist.all_reduce(flags, group=group)
