@@ -22,9 +22,9 @@ Design decisions (each one is something a user can rely on):
   λ or b (``torch.no_grad()`` / ``inference_mode()``, or none of them requires grad), it runs one
   plain GEMM (``F.linear``) on the merged weight ``W + λ·W'``, computed in fp32 and cast once. In
   ``eval()`` mode that weight is cached until W, W' or λ change: tracked by tensor identity,
-  storage pointer, dtype, device and the autograd version counter (which every in-place op and
-  optimizer step bumps), and dropped on ``.to()``/``.cuda()``/..., ``load_state_dict`` and
-  ``train()``/``eval()``. In-place writes through ``tensor.data`` (``p.data.fill_(...)``) bypass
+  storage pointer, dtype, device and the autograd version counter (which every in-place op bumps),
+  dropped after any ``torch.optim`` optimizer step (a global step hook: fused optimizers do not
+  bump version counters), on ``.to()``/``.cuda()``/..., ``load_state_dict`` and ``train()``/``eval()``. In-place writes through ``tensor.data`` (``p.data.fill_(...)``) bypass
   version counters: after those call ``clear_merged_cache()``, or write under ``torch.no_grad()``.
   ``cache_merged_weight = False`` turns the cache off (it costs one weight-sized tensor per layer).
 - Under ``torch.compile`` the layer always calls the fused op (registered with ``torch.library``),
@@ -65,6 +65,23 @@ def _is_compiling() -> bool:
     if compiler is not None and hasattr(compiler, "is_compiling"):
         return compiler.is_compiling()
     return False
+
+
+# Every optimizer step anywhere in the process bumps this counter, and the merged-weight cache keys on
+# it: torch's fused optimizer kernels (``fused=True``) update parameters without bumping their
+# autograd version counters, so version counters alone would miss those steps.
+_OPTIMIZER_STEPS = [0]
+_STEP_HOOK = []
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _OPTIMIZER_STEPS[0] += 1
+
+
+def _ensure_step_hook() -> None:
+    if not _STEP_HOOK:
+        from torch.optim import optimizer as optim_module
+        _STEP_HOOK.append(optim_module.register_optimizer_step_post_hook(_count_optimizer_step))
 
 
 def _tensor_key(t: Tensor):
@@ -213,15 +230,16 @@ class FusedCrossModalLinear(nn.Module):
         self._cache = None
 
     def _merged_for_inference(self, dtype: torch.dtype) -> Tensor:
+        _ensure_step_hook()
         srcs = (self.weight, self.aux_weight, self.cross_modal_scale)
         cache = self._cache
-        if (cache is not None and cache[0] == dtype and all(_same_tensor(k, t) for k, t in zip(cache[1], srcs))
+        if (cache is not None and cache[0] == (dtype, _OPTIMIZER_STEPS[0]) and all(_same_tensor(k, t) for k, t in zip(cache[1], srcs))
                 and not (cache[2].is_inference() and not torch.is_inference_mode_enabled())):
             return cache[2]
         with torch.no_grad():
             merged = merged_weight(self.weight, self.aux_weight, self.cross_modal_scale, dtype)
         if self.cache_merged_weight and not self.training:
-            self._cache = (dtype, tuple(_tensor_key(t) for t in srcs), merged)
+            self._cache = ((dtype, _OPTIMIZER_STEPS[0]), tuple(_tensor_key(t) for t in srcs), merged)
         return merged
 
     def _needs_param_grad(self) -> bool:

@@ -255,6 +255,25 @@ def test_eval_cache_sees_optimizer_step_load_state_dict_and_to():
     _assert_fresh(layer, x)
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.AdamW(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.SGD(ps, lr=0.1, fused=True),
+    lambda ps: torch.optim.Adam(ps, lr=0.1, foreach=True),
+], ids=["adamw_fused", "sgd_fused", "adam_foreach"])
+def test_eval_cache_sees_steps_of_fused_optimizers(make_opt):
+    # fused optimizer kernels do not bump version counters: the cache also keys on optimizer steps
+    _, _, layer = make_layer(lam=torch.tensor([0.5]))
+    layer.eval()  # trained in eval mode: no train()/eval() switch clears the cache
+    x = torch.randn(3, IN)
+    opt = make_opt(list(layer.parameters()))
+    for _ in range(2):
+        _assert_fresh(layer, x)
+        layer(x).square().sum().backward()
+        opt.step()
+        opt.zero_grad()
+    _assert_fresh(layer, x)
+
+
 def test_no_cache_kept_in_train_mode_or_when_disabled():
     _, _, layer = make_layer(lam=torch.tensor([0.5]))
     with torch.no_grad():

@@ -303,18 +303,11 @@ OPTIMIZERS = {
     "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, fused=True),
 }
 # torch's fused optimizer kernels (fused=True: _fused_adamw_, _fused_sgd_, ...) update parameters in
-# place WITHOUT bumping their autograd version counters, and the layer's merged-weight cache keys on
-# those counters: after such a step the no-grad path serves the stale W + λ·W'. Known layer bug,
-# reported to the layers.py owner (fix: also key the cache on a global optimizer-step counter bumped
-# by torch.optim.optimizer.register_optimizer_step_post_hook). strict: an unexpected pass fails, so
-# this marker goes as soon as the layer is fixed.
-_STALE_AFTER_FUSED_STEP = pytest.mark.xfail(
-    strict=True, reason="fused optimizers do not bump version counters; FusedCrossModalLinear's merged-weight "
-                        "cache goes stale (layers.py bug, reported)")
+# place WITHOUT bumping their autograd version counters; the layer's merged-weight cache therefore also
+# keys on a global optimizer-step counter (torch.optim's step post hook), so they are covered here too.
 
 
-@pytest.mark.parametrize("opt_name", [pytest.param(n, marks=_STALE_AFTER_FUSED_STEP) if n.endswith("_fused") else n
-                                      for n in OPTIMIZERS])
+@pytest.mark.parametrize("opt_name", list(OPTIMIZERS))
 def test_merged_weight_cache_reused_across_micro_batches_and_invalidated_by_step(opt_name, monkeypatch):
     model = w.build_model(False, False).eval()  # no dropout: eval mode trains the same; no mode switch below
     n_layers = len(_pathway_layers(model))
