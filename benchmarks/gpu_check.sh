@@ -54,13 +54,13 @@ fi
 {
   echo "date: $(date -u +%FT%TZ)  commit: $M2PT_COMMIT  dry: $DRY"
   if command -v nvidia-smi >/dev/null 2>&1; then
-    timeout 20 nvidia-smi
-    timeout 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu --format=csv
+    timeout -k 5 20 nvidia-smi
+    timeout -k 5 20 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,clocks.max.sm,power.draw,temperature.gpu --format=csv
   else
     echo "nvidia-smi: not found"
   fi
   command -v nvcc >/dev/null 2>&1 && nvcc --version | tail -2
-  timeout 60 "$PY" - <<'EOF'
+  timeout -k 10 60 "$PY" - <<'EOF'
 import os, platform, torch
 print("python", platform.python_version(), "torch", torch.__version__, "cuda", torch.version.cuda,
       "cuda available", torch.cuda.is_available())
@@ -83,11 +83,11 @@ note "env done"
 if [ "${M2PT_GPU_CHECK_SKIP_BUILD:-0}" != "0" ]; then
   note "build: skipped (M2PT_GPU_CHECK_SKIP_BUILD)"
 else
-  t=$(until_pct 33)
+  t=$(until_pct 31)
   if [ "$DRY" != "0" ]; then
-    (M2PT_SKIP_CUDA_BUILD=1 timeout "$t" "$PY" setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
+    (M2PT_SKIP_CUDA_BUILD=1 timeout -k 10 "$t" "$PY" setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
   else
-    (M2PT_FORCE_CUDA_BUILD=1 timeout "$t" "$PY" setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
+    (M2PT_FORCE_CUDA_BUILD=1 timeout -k 10 "$t" "$PY" setup.py build_ext --inplace) > "$OUT/build.log" 2>&1
   fi
   rc=$?
   if [ "$rc" -eq 0 ]; then
@@ -105,18 +105,18 @@ if [ "${M2PT_GPU_CHECK_SKIP_TESTS:-0}" != "0" ]; then
   note "tests: skipped (M2PT_GPU_CHECK_SKIP_TESTS)"
 else
   : > "$OUT/tests.log"
-  t=$(until_pct 45)
+  t=$(until_pct 41)
   echo "=== pytest -m gpu tests (timeout ${t}s)" >> "$OUT/tests.log"
-  timeout "$t" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
+  timeout -k 10 "$t" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
   rc=$?
   [ "$rc" -eq 5 ] && note "tests -m gpu: no test is marked gpu (rc 5)" || note "tests -m gpu: rc=$rc ($(tail -1 "$OUT/tests.log"))"
-  t=$(until_pct 55)
+  t=$(until_pct 47)
   if [ "$DRY" != "0" ]; then
     echo "=== dry: collection of the whole suite (timeout ${t}s)" >> "$OUT/tests.log"
-    timeout "$t" "$PY" -m pytest -q --collect-only tests -p no:cacheprovider >> "$OUT/tests.log" 2>&1
+    timeout -k 10 "$t" "$PY" -m pytest -q --collect-only tests -p no:cacheprovider >> "$OUT/tests.log" 2>&1
   else
     echo "=== pytest -m 'not slow' tests (timeout ${t}s)" >> "$OUT/tests.log"
-    timeout "$t" "$PY" -m pytest -q -m "not slow" tests -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
+    timeout -k 10 "$t" "$PY" -m pytest -q -m "not slow" tests -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
   fi
   rc=$?
   note "tests suite: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
@@ -134,7 +134,7 @@ else
 fi
 note "bench: timeout ${t}s, --budget-s ${budget}"
 # shellcheck disable=SC2086
-timeout "$t" "$PY" benchmarks/run.py $bench_args --budget-s "$budget" --out "$OUT/results.json" \
+timeout -k 10 "$t" "$PY" benchmarks/run.py $bench_args --budget-s "$budget" --out "$OUT/results.json" \
   ${M2PT_GPU_CHECK_BENCH_ARGS:-} > "$OUT/bench.log" 2>&1
 rc=$?
 note "bench: rc=$rc (124 = cut by its timeout; results.json holds every finished case)"
@@ -142,7 +142,7 @@ note "bench: rc=$rc (124 = cut by its timeout; results.json holds every finished
 
 # ---------------------------------------------------------------- 5. report: plot, targets, short table LAST
 note "report (the table below is the last thing printed)"
-timeout 60 "$PY" - "$OUT/results.json" "$OUT/plot.png" <<'EOF' 2>&1 | tee -a "$SUMMARY"
+timeout -k 10 60 "$PY" - "$OUT/results.json" "$OUT/plot.png" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, sys
 from m2pt_kernels import bench
 path, png = sys.argv[1], sys.argv[2]

@@ -1086,7 +1086,8 @@ def _pick_group(cases: list[dict]) -> tuple:
 def plot_results(res: dict, path: str, group: Optional[tuple] = None) -> str:
     """A PNG: time relative to ``plain`` against M, one line per provider, one panel per layer,
     for one (model, dtype, pass, aux_trainable) group (default: bf16 ViT-B fwd+bwd aux trainable
-    when present, else the largest group)."""
+    when present, else the largest group). When the run has a single M (the CPU quick mode), the
+    x axis is the model width instead, over every model of that (dtype, pass, aux)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -1094,26 +1095,34 @@ def plot_results(res: dict, path: str, group: Optional[tuple] = None) -> str:
     cases = [c for c in res["cases"] if c["ms"].get("plain")]
     if not cases:
         raise ValueError("plot_results: no case has a 'plain' time to compare with")
-    group = group or _pick_group(cases)
-    sel = [c for c in cases if (c["model"], c["dtype"], c["pass"], c["aux_trainable"]) == tuple(group)]
+    group = tuple(group or _pick_group(cases))
+    model, dtype, pas, aux = group
+    sel = [c for c in cases if (c["model"], c["dtype"], c["pass"], c["aux_trainable"]) == group]
+    x_of, x_label, title = (lambda c: c["M"]), "tokens M", f"{model} {dtype} {pas}"
+    if len({c["M"] for c in sel}) == 1:
+        wide = [c for c in cases if (c["dtype"], c["pass"], c["aux_trainable"]) == (dtype, pas, aux)
+                and c["M"] == sel[0]["M"] and c["model"] in MODELS]
+        if len({c["model"] for c in wide}) > 1:
+            sel = wide
+            x_of = lambda c: MODELS[c["model"]]  # noqa: E731
+            x_label, title = f"model width (M = {sel[0]['M']})", f"{dtype} {pas}"
     layers = [l for l in LAYERS if any(c["layer"] == l for c in sel)]
     fig, axes = plt.subplots(1, len(layers), figsize=(4 * len(layers), 3.6), squeeze=False, sharey=True)
     for ax, layer in zip(axes[0], layers):
-        cs = sorted((c for c in sel if c["layer"] == layer), key=lambda c: c["M"])
+        cs = sorted((c for c in sel if c["layer"] == layer), key=x_of)
         for p in PROVIDERS:
-            pts = [(c["M"], c["ms"][p] / c["ms"]["plain"]) for c in cs if p in c["ms"]]
+            pts = [(x_of(c), c["ms"][p] / c["ms"]["plain"]) for c in cs if p in c["ms"]]
             if pts:
                 ax.plot([m for m, _ in pts], [r for _, r in pts], marker="o", label=p,
                         linestyle="--" if p == "plain" else "-")
         ax.set_xscale("log")
-        ax.set_title(f"{layer} {cs[0]['K']}→{cs[0]['N']}")
-        ax.set_xlabel("tokens M")
+        ax.set_title(layer if len({(c["K"], c["N"]) for c in cs}) > 1 else f"{layer} {cs[0]['K']}→{cs[0]['N']}")
+        ax.set_xlabel(x_label)
         ax.grid(True, alpha=0.3)
     axes[0][0].set_ylabel("time / plain")
     axes[0][-1].legend(fontsize=7)
-    model, dtype, pas, aux = group
-    fig.suptitle(f"{model} {dtype} {pas} aux {'trainable' if aux else 'frozen'} on {res.get('device')} "
-                 f"({res.get('date')})", fontsize=9)
+    fig.suptitle(f"{title} aux {'trainable' if aux else 'frozen'} on {res.get('device')} ({res.get('date')})",
+                 fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
