@@ -233,7 +233,8 @@ class FusedCrossModalLinear(nn.Module):
         _ensure_step_hook()
         srcs = (self.weight, self.aux_weight, self.cross_modal_scale)
         cache = self._cache
-        if (cache is not None and cache[0] == (dtype, _OPTIMIZER_STEPS[0]) and all(_same_tensor(k, t) for k, t in zip(cache[1], srcs))
+        if (cache is not None and cache[0] == (dtype, _OPTIMIZER_STEPS[0])
+                and all(_same_tensor(k, t) for k, t in zip(cache[1], srcs))
                 and not (cache[2].is_inference() and not torch.is_inference_mode_enabled())):
             return cache[2]
         with torch.no_grad():
