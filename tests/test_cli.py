@@ -73,6 +73,7 @@ def test_demo_writes_a_sane_report(demo_reports):
     assert rep["target"]["runs"]["baseline"][0]["scales"] == {}
     m = rep["merge"]
     assert m["max_abs_diff_logits"] < 1e-4 and m["argmax_agreement"] == 1.0
+    assert m["max_abs_diff_logits_training_path"] < 1e-4
     assert m["reload_strict_max_abs_diff"] == 0.0
     assert m["params_merged"] == m["params_baseline"] < m["params_with_pathways"]
     assert all(t > 0 for t in m["inference_median_s"].values())
