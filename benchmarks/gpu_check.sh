@@ -14,8 +14,8 @@
 # case, so a benchmark stopped by its timeout still reports what it measured.
 #
 # On a machine without a GPU, M2PT_GPU_CHECK_DRY=1 runs every stage in a tiny CPU mode (the build
-# stage runs setup.py build_ext with M2PT_SKIP_CUDA_BUILD=1, the tests stage runs `-m gpu` and a collection
-# check, the bench stage runs --tiny shapes): that is how this script is tested (tests/test_bench.py).
+# stage runs setup.py build_ext with M2PT_SKIP_CUDA_BUILD=1, the tests stage runs `-m gpu` only (which
+# collects the whole suite), the bench stage runs --tiny shapes): that is how this script is tested (tests/test_bench.py).
 #
 # Knobs: PYTHON (default python3), M2PT_COMMIT (recorded in the results; the device copy has no .git),
 # M2PT_GPU_CHECK_TOTAL_S (default 470), M2PT_GPU_CHECK_BENCH_ARGS (extra args for run.py),
@@ -110,16 +110,13 @@ else
   timeout -k 10 "$t" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
   rc=$?
   [ "$rc" -eq 5 ] && note "tests -m gpu: no test is marked gpu (rc 5)" || note "tests -m gpu: rc=$rc ($(tail -1 "$OUT/tests.log"))"
-  t=$(until_pct 47)
-  if [ "$DRY" != "0" ]; then
-    echo "=== dry: collection of the whole suite (timeout ${t}s)" >> "$OUT/tests.log"
-    timeout -k 10 "$t" "$PY" -m pytest -q --collect-only tests -p no:cacheprovider >> "$OUT/tests.log" 2>&1
-  else
+  if [ "$DRY" = "0" ]; then  # (dry: the -m gpu run above already collected the whole suite)
+    t=$(until_pct 47)
     echo "=== pytest -m 'not slow' tests (timeout ${t}s)" >> "$OUT/tests.log"
     timeout -k 10 "$t" "$PY" -m pytest -q -m "not slow" tests -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
+    rc=$?
+    note "tests suite: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
   fi
-  rc=$?
-  note "tests suite: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -10 | tee -a "$SUMMARY"
 fi
 
