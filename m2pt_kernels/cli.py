@@ -168,10 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo.run(args)
     except ImportError as exc:
         raise UserError(f"m2pt demo: {_one_line(exc)}") from None
-    except ValueError as exc:  # bad option values (steps < 1, unknown device, ...)
-        if "--" in str(exc) or "device" in str(exc):
-            raise UserError(f"m2pt demo: {_one_line(exc)}") from None
-        raise
+    except demo.DemoOptionError as exc:  # bad option values (steps < 1, unknown device, ...)
+        raise UserError(f"m2pt demo: {_one_line(exc)}") from None
     return 0
 
 
@@ -184,7 +182,10 @@ def cmd_bench(argv: Sequence[str]) -> int:
                             "installation") from None
         raise UserError(f"m2pt bench: a dependency of the benchmark suite is missing: {exc.name} "
                         "(pip install 'm2pt_kernels[bench]')") from None
-    rc = bench.main(list(argv))
+    try:
+        rc = bench.main(list(argv))
+    except SystemExit as exc:  # argparse inside the suite: --help or a usage error
+        rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR)
     return int(rc or 0)
 
 

@@ -61,6 +61,10 @@ VARIANT_HELP = {
 }
 
 
+class DemoOptionError(ValueError):
+    """A bad option value (``m2pt demo`` prints it as one line and exits with code 2)."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="a short run (< 3 min on 2 CPU cores): 1 seed, fewer steps")
     p.add_argument("--out", default="m2pt_report", help="report folder (default: m2pt_report/)")
@@ -117,9 +121,9 @@ def _pick_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        raise ValueError(f"--device {name!r} is not a torch device ({exc})") from None
+        raise DemoOptionError(f"--device {name!r} is not a torch device ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {name}: CUDA is not available in this torch ({torch.__version__})")
+        raise DemoOptionError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
     return dev
 
 
@@ -366,9 +370,9 @@ def run(args: argparse.Namespace) -> dict:
     eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
     for name, v in (("--steps", steps), ("--seeds", seeds), ("--eval-every", eval_every), ("--batch-size", args.batch_size)):
         if v < 1:
-            raise ValueError(f"{name} must be >= 1, got {v}")
+            raise DemoOptionError(f"{name} must be >= 1, got {v}")
     if aux_steps < 0:
-        raise ValueError(f"--aux-steps must be >= 0, got {aux_steps}")
+        raise DemoOptionError(f"--aux-steps must be >= 0, got {aux_steps}")
     device = _pick_device(args.device)
     threads = args.threads or 1
     _set_determinism(threads, device)

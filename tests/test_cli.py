@@ -146,6 +146,13 @@ def test_bench_forwards_its_arguments(monkeypatch, capsys):
     assert seen["argv"] == ["--quick", "--out", "x.json"]
 
 
+@pytest.mark.skipif(__import__("importlib").util.find_spec("m2pt_kernels.bench") is None,
+                    reason="m2pt_kernels.bench not in this tree")
+def test_bench_help_reaches_the_suite(capsys):
+    rc, out, _ = _run(capsys, "bench", "--help")
+    assert rc == 0 and "usage:" in out
+
+
 def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "m2pt_kernels.bench", None)  # import raises ModuleNotFoundError
     rc, _, err = _run(capsys, "bench")
