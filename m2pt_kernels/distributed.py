@@ -15,10 +15,11 @@ the full W'. So it must be the same on every rank:
 
 A *trainable* W' is a Parameter like W: all-reduced by DDP, sharded by FSDP2.
 
-Under FSDP2 also call :func:`disable_merged_weight_cache`: the no-grad fast path of
-``FusedCrossModalLinear`` caches the full merged ``W + λ·W'`` of every layer (a whole unsharded
-copy of the model per rank, which defeats sharding), and FSDP2 refills its unsharded parameters
-without bumping their autograd version counters, which is what the cache keys on.
+Under FSDP2 also call :func:`disable_merged_weight_cache`: in ``eval()`` the no-grad fast path of
+``FusedCrossModalLinear`` caches the full merged ``W + λ·W'`` of every layer, a whole unsharded copy
+of the model per rank that defeats sharding. (The cache stays correct under FSDP2 although FSDP2
+refills its unsharded parameters without bumping their autograd version counters: the layer also
+keys the cache on a process-wide optimizer-step counter.)
 """
 from __future__ import annotations
 

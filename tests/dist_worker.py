@@ -41,9 +41,12 @@ IMG = 16
 #   "helper":        m2pt_kernels.distributed.broadcast_aux_buffers, then DDP without per-forward
 #                    buffer sync / FSDP2 (which never syncs buffers)
 #   "none":          nothing to sync (the auxiliary weights are parameters)
+# "_cached": trained in eval mode with the merged-weight cache on, so the no-grad forward after the
+# optimizer step checks that the cache was invalidated (under FSDP2 the unsharded parameters are
+# refilled without a version-counter bump; the layer's global optimizer-step counter covers that).
 SCENARIOS = {
     "ddp_frozen_scalar": ("ddp", False, False, "ddp-init"),
-    "ddp_frozen_channel": ("ddp", False, True, "helper"),
+    "ddp_frozen_channel_cached": ("ddp", False, True, "helper"),
     "ddp_trainable_scalar": ("ddp", True, False, "none"),
     "fsdp2_frozen_scalar": ("fsdp2", False, False, "helper"),
     "fsdp2_frozen_channel_cached": ("fsdp2", False, True, "helper"),
@@ -89,16 +92,21 @@ def _full(t):
     return t.detach().cpu().clone()
 
 
-def run_steps(model, opt, rank: int, world: int, device="cpu", call=None) -> dict:
+def run_steps(model, opt, rank: int, world: int, device="cpu", call=None, cached=False) -> dict:
     """STEPS optimizer steps on this rank's slice of each global batch; what the tests compare.
 
     ``call``: the wrapped module to run (DDP); names and tensors are read from ``model``.
+    ``cached``: run in eval mode, where the no-grad forward uses (and must invalidate) the layers'
+    merged-weight cache.
     """
     call = model if call is None else call
+    if cached:  # eval mode (the ViT has no dropout: same training): the no-grad path caches W + λ·W'
+        call.eval()
     probe, _ = global_batch(99, device)
     record = {}
     with torch.no_grad():  # the no-grad path (merged-weight cache) before any step ...
         record["nograd_before"] = call(probe).cpu()
+    record["cache_filled"] = any(getattr(m, "_cache", None) is not None for m in model.modules())
     for step in range(STEPS):
         x, y = global_batch(step, device)
         xs, ys = x.chunk(world)[rank], y.chunk(world)[rank]
@@ -117,7 +125,7 @@ def run_steps(model, opt, rank: int, world: int, device="cpu", call=None) -> dic
 def single_process_reference(scenario: str, device="cpu") -> dict:
     _, aux_trainable, per_channel, _ = SCENARIOS[scenario]
     model = build_model(aux_trainable, per_channel, device)
-    return run_steps(model, make_optimizer(model), 0, 1, device)
+    return run_steps(model, make_optimizer(model), 0, 1, device, cached=scenario.endswith("_cached"))
 
 
 def ddp_no_forward_buffer_sync() -> dict:
@@ -146,7 +154,7 @@ def _worker_scenario(name: str, rank: int, world: int, device: str) -> dict:
         except RuntimeError as exc:
             info["checker_caught_mismatch"] = "differ" in str(exc)
     if sync == "helper":
-        broadcast_aux_buffers(model)
+        info["broadcast_returns_model"] = broadcast_aux_buffers(model) is model
     if wrapper == "ddp":
         kwargs = {} if sync == "ddp-init" else ddp_no_forward_buffer_sync()
         if device != "cpu":
@@ -171,7 +179,7 @@ def _worker_scenario(name: str, rank: int, world: int, device: str) -> dict:
         call = model
     check_aux_buffers_consistent(model)  # raises on every rank if the sync did not work
     opt = make_optimizer(model)
-    record = run_steps(model, opt, rank, world, device, call=call)
+    record = run_steps(model, opt, rank, world, device, call=call, cached=name.endswith("_cached"))
     record["info"] = info
     dist.barrier()
     return record

@@ -63,12 +63,17 @@ def _compare(name, records, ref, tol, device="cpu"):
             err = rel_err(rec[when], ref[when])
             assert err < tol, f"{where}: {when} output rel err {err:.2e}"
         assert rel_err(rec["nograd_after"], rec["nograd_before"]) > 1e-3, f"{where}: the step changed nothing"
+        # the "_cached" scenarios really went through the layers' merged-weight cache, the others not
+        # (train mode and disable_merged_weight_cache leave it empty)
+        assert rec["cache_filled"] == name.endswith("_cached"), f"{where}: merged-weight cache use not as planned"
         info = rec["info"]
         if not aux_trainable:
             assert info["n_aux_buffers"] == 8, where  # 2 blocks × qkv, proj, fc1, fc2
             if len(records) > 1:  # rank 1 built a different W' on purpose
                 assert info["checker_caught_mismatch"], f"{where}: check_aux_buffers_consistent missed a mismatch"
             assert not info.get("aux_in_ddp_params", False) and not info.get("aux_in_fsdp_params", False), where
+        if sync == "helper":
+            assert info["broadcast_returns_model"], where
         if wrapper == "fsdp2":
             assert info["sharded_param_types"] == ["DTensor"], where
             if not aux_trainable:
