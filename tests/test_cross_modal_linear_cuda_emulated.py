@@ -1,0 +1,168 @@
+"""The CUDA kernels of csrc/cross_modal_linear.cu executed on the CPU by a host emulator, against the
+float64 reference: the kernels' indexing, tile edges, strides, merge, epilogues (bias, dW, dW' = λ·G,
+dλ partials + second reduction, fused db), the GEMV path for M <= 64 (vector and scalar loads).
+
+csrc/emulator/ runs each CUDA thread as a std::thread (blocks one after another, __syncthreads a
+barrier, warp shuffles through a per-warp barrier) and nvcuda::wmma as per-lane whole-tile fp32
+products. It checks the code's logic, not the hardware: tensor-core fragment layouts, memory-model
+subtleties and performance need the GPU tests (tests/test_cross_modal_linear_cuda.py).
+The emulator is compiled with g++ (about 10-30 s; no nvcc); skipped without g++ or CUDA headers.
+"""
+import ctypes
+import hashlib
+import importlib.util
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from helpers import rel_err, reference64
+
+pytestmark = pytest.mark.slow
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CSRC = os.path.join(ROOT, "csrc")
+DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _cuda_include():
+    spec = importlib.util.spec_from_file_location("m2pt_setup_for_emulator", os.path.join(ROOT, "setup.py"))
+    setup = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(setup)
+    root = setup.find_cuda_toolkit(os.environ)
+    for inc in ([os.path.join(root, "include")] if root else []) + ["/usr/local/cuda/include"]:
+        if os.path.exists(os.path.join(inc, "crt", "host_defines.h")):
+            return inc
+    return None
+
+
+@pytest.fixture(scope="module")
+def emu(tmp_path_factory):
+    cxx = shutil.which("g++")
+    inc = _cuda_include()
+    if cxx is None or inc is None:
+        pytest.skip(f"needs g++ and the CUDA toolkit headers (g++: {cxx}, CUDA include: {inc})")
+    src = open(os.path.join(CSRC, "cross_modal_linear.cu"), encoding="utf-8").read()
+    # k<<<grid, block, 0, stream>>>(args) -> emu_launch(k, grid, block, args)
+    launch = re.compile(r"([A-Za-z_]\w*(?:<[^<>;]*>)?)<<<(.*?), 0, stream>>>\(", re.S)
+    emu_src, launches = launch.subn(r"emu_launch(\1, \2, ", src)
+    assert launches == src.count("<<<"), "a kernel launch was not rewritten for the emulator"
+    out = tmp_path_factory.mktemp("emu")
+    (out / "kernels_emu.cpp").write_text(emu_src, encoding="utf-8")
+    lib = out / "m2pt_emu.so"
+    cmd = [cxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-pthread", "-w",
+           "-I", os.path.join(CSRC, "emulator"), "-I", CSRC, "-I", inc,
+           "-include", os.path.join(CSRC, "emulator", "emulator.h"),
+           str(out / "kernels_emu.cpp"), os.path.join(CSRC, "emulator", "emulator_api.cpp"), "-o", str(lib)]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+def _p(t):
+    return ctypes.c_void_p(t.data_ptr()) if t is not None else None
+
+
+def _i(v):
+    return ctypes.c_int64(v)
+
+
+def run_emulated(emu, x, w, a, s, b, dy, *, tf32=False, need=(True, True, True, True)):
+    """forward, dgrad and wgrad of the emulated kernels on 2-D x [M, K] (any strides), dy [M, N]."""
+    m, k = x.shape
+    n = w.shape[0]
+    dt, math = DTYPES[x.dtype], int(tf32)
+    per_channel = int(s.numel() > 1)
+    s32 = s.float().contiguous()
+    y = torch.empty(m, n, dtype=x.dtype)
+    emu.emu_forward(_i(m), _i(n), _i(k), _p(x), _i(x.stride(0)), _i(x.stride(1)), _p(w), _p(a), _p(s32),
+                    per_channel, _p(b), _p(y), dt, math)
+    dx = torch.empty(m, k, dtype=x.dtype)
+    emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
+                  per_channel, _p(dx), dt, math)
+    need_w, need_a, need_s, need_b = need
+    dw = torch.full((n, k), float("nan"), dtype=x.dtype) if need_w else None
+    da = torch.full((n, k), float("nan"), dtype=x.dtype) if need_a else None
+    ds = torch.full((s.numel(),), float("nan")) if need_s else None
+    part = torch.full(((k + 63) // 64, n), float("nan")) if need_s else None
+    db = torch.full((n,), float("nan"), dtype=x.dtype) if need_b else None
+    emu.emu_wgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(x), _i(x.stride(0)),
+                  _i(x.stride(1)), _p(a), _p(s32), per_channel, _p(dw), _p(da), _p(ds), _p(part), _p(db), dt, math)
+    return y, dx, dw, da, ds, db
+
+
+def make(m, k, n, dtype, *, per_channel, bias, strided_x=False, strided_dy=False):
+    if strided_x:  # column-major x: the loader walks the other dim
+        x = torch.randn(k, m).to(dtype).t()
+    else:
+        x = torch.randn(m, k).to(dtype)
+    w = (torch.randn(n, k) / k ** 0.5).to(dtype)
+    a = (torch.randn(n, k) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1)
+    b = torch.randn(n).to(dtype) if bias else None
+    dy = torch.randn(n, m).to(dtype).t() if strided_dy else torch.randn(m, n).to(dtype)
+    return x, w, a, s, b, dy
+
+
+def check(outs, x, w, a, s, b, dy, tol, need=(True, True, True, True)):
+    y, dx, dw, da, ds, db = outs
+    y64, (dx64, dw64, da64, ds64, db64) = reference64(x, w, a, s, b if b is not None else None, dy)
+    if b is None:  # reference64 has no db then; Σ_m dy directly
+        db64 = dy.double().sum(0)
+    assert rel_err(y, y64) < tol, ("y", rel_err(y, y64))
+    assert rel_err(dx, dx64) < tol, ("dx", rel_err(dx, dx64))
+    for name, got, ref, wanted in (("dW", dw, dw64, need[0]), ("dW'", da, da64, need[1]),
+                                   ("dλ", ds, ds64, need[2]), ("db", db, db64, need[3])):
+        if wanted:
+            assert rel_err(got, ref) < tol, (name, rel_err(got, ref))
+
+
+# (M, K, N): M = 1, the GEMV/tile boundary 64/65, K and N not multiples of 8 or of the 64x64x32 tile.
+SHAPES = [(1, 19, 13), (7, 40, 37), (64, 33, 70), (65, 72, 17), (130, 50, 66)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+def test_emulated_kernels_match_reference(emu, dtype, m, k, n, per_channel):
+    bias = (m + int(per_channel)) % 2 == 1
+    x, w, a, s, b, dy = make(m, k, n, dtype, per_channel=per_channel, bias=bias)
+    check(run_emulated(emu, x, w, a, s, b, dy), x, w, a, s, b, dy, TOL[dtype])
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_emulated_tf32(emu, per_channel):
+    x, w, a, s, b, dy = make(70, 45, 66, torch.float32, per_channel=per_channel, bias=True)
+    check(run_emulated(emu, x, w, a, s, b, dy, tf32=True), x, w, a, s, b, dy, 2e-3)
+
+
+@pytest.mark.parametrize("m", [5, 97])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_emulated_strided_inputs(emu, dtype, m):
+    x, w, a, s, b, dy = make(m, 48, 40, dtype, per_channel=True, bias=True, strided_x=True, strided_dy=True)
+    assert not x.is_contiguous() and not dy.is_contiguous()
+    check(run_emulated(emu, x, w, a, s, b, dy), x, w, a, s, b, dy, TOL[dtype])
+
+
+@pytest.mark.parametrize("need", [(False, False, True, False), (False, False, False, True), (True, False, False, True)],
+                         ids=["lambda-only", "bias-only", "weight+bias"])
+def test_emulated_partial_gradients(emu, need):
+    x, w, a, s, b, dy = make(70, 40, 37, torch.bfloat16, per_channel=False, bias=True)
+    check(run_emulated(emu, x, w, a, s, b, dy, need=need), x, w, a, s, b, dy, 2e-2, need=need)
+
+
+def test_emulated_gemv_vector_and_scalar_paths_agree(emu):
+    """K % 8 == 0 and aligned: uint4 loads; the same data at an odd offset: scalar loads."""
+    x, w, a, s, b, dy = make(9, 64, 24, torch.bfloat16, per_channel=True, bias=True)
+    buf = torch.empty(x.numel() + 1, dtype=x.dtype)
+    buf[1:] = x.reshape(-1)
+    x_odd = buf[1:].view(9, 64)
+    y_vec = run_emulated(emu, x, w, a, s, b, dy)[0]
+    y_scalar = run_emulated(emu, x_odd, w, a, s, b, dy)[0]
+    torch.testing.assert_close(y_vec, y_scalar, rtol=0, atol=0)
+    y64, _ = reference64(x, w, a, s, b, dy)
+    assert rel_err(y_vec, y64) < 2e-2
