@@ -326,3 +326,92 @@ def test_autotuned_launch_path(monkeypatch):
         check_against_reference(inputs, torch.float16)
     assert gemm.best_config.kwargs["SWAP_AB"] and wgrad.best_config.kwargs["BLOCK_K"] == 32
     assert len(calls) >= 8, "the fake timer was not used: nothing was autotuned"
+
+
+# ------------------------------------------------------------------ GPU compilation, without a GPU
+
+
+def test_kernels_compile_for_hopper_and_ampere():
+    """The interpreter never runs triton's compiler: compile both kernels (both orientations, the
+    λ-only variant, bf16 / fp32 TF32 / fp32 IEEE) for sm_90 and sm_80 ahead of time, in a
+    subprocess with the interpreter off, and check Hopper gets wgmma with the merged weight as the
+    register operand under SWAP_AB."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
+    done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("ok ") == 9, done.stdout
+
+
+def _compile_ahead_of_time():
+    """Run as a script (see the test above): compile for GPU targets with no GPU present."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from m2pt_kernels.ops import cross_modal_linear_triton as tb
+
+    types = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+    def compile_for(fn, values, config, cap):
+        # the runtime's specialization: ints equal to 1 become constants, multiples of 16 and
+        # (fresh) tensors are marked 16-divisible
+        signature, constants, attrs = {}, dict(config.kwargs), {}
+        for i, name in enumerate(fn.arg_names):
+            value = constants.get(name, values.get(name))
+            if name in constants or isinstance(value, (bool, str)) or value == 1:
+                signature[name], constants[name] = "constexpr", value
+            elif isinstance(value, torch.dtype):
+                signature[name], attrs[(i,)] = "*" + types[value], [["tt.divisibility", 16]]
+            else:
+                signature[name] = "i32"
+                if value % 16 == 0:
+                    attrs[(i,)] = [["tt.divisibility", 16]]
+        return triton.compile(ASTSource(fn, signature, constants, attrs),
+                              target=GPUTarget("cuda", cap, 64 if cap >= 90 else 32),
+                              options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+
+    def gemm(dtype, lam_on_r, precision, m=1576, n=3072, k=768):
+        nc, r = (k, n) if lam_on_r else (n, k)
+        wr, wc = (k, 1) if lam_on_r else (1, k)
+        return dict(a_ptr=dtype, w_ptr=dtype, aux_ptr=dtype, lam_ptr=torch.float32, bias_ptr=dtype, c_ptr=dtype,
+                    M=m, NC=nc, R=r, stride_am=r, stride_ar=1, stride_wr=wr, stride_wc=wc, stride_ur=wr,
+                    stride_uc=wc, stride_lam=1, stride_cm=nc, stride_cc=1, M_BUCKET=2048, LAM_ON_R=lam_on_r,
+                    HAS_BIAS=not lam_on_r, PRECISION=precision, UPCAST=False)
+
+    def wgrad(dtype, need_w, precision, m=1576, n=3072, k=768):
+        return dict(dy_ptr=dtype, x_ptr=dtype, aux_ptr=dtype, lam_ptr=torch.float32, dw_ptr=dtype, daux_ptr=dtype,
+                    dlam_part_ptr=torch.float32, db_part_ptr=torch.float32, M=m, N=n, K=k, stride_dym=n,
+                    stride_dyn=1, stride_xm=k, stride_xk=1, stride_un=k, stride_uk=1, stride_lam=1,
+                    stride_part_split=12 * n, SPLIT_M=1 if need_w else 4, M_BUCKET=2048, NEED_W=need_w,
+                    NEED_AUX=need_w, NEED_SCALE=True, NEED_BIAS=True, PRECISION=precision, UPCAST=False)
+
+    plain, swapped = tb.GEMM_CONFIGS[0], tb.GEMM_CONFIGS[6]
+    assert not plain.kwargs["SWAP_AB"] and swapped.kwargs["SWAP_AB"]
+    jobs = [  # (cap, kernel, values, config, expect the merged operand in registers)
+        (90, tb._merged_gemm_kernel, gemm(torch.bfloat16, False, "tf32"), plain, False),
+        (90, tb._merged_gemm_kernel, gemm(torch.bfloat16, False, "tf32"), swapped, True),
+        (90, tb._merged_gemm_kernel, gemm(torch.float16, True, "tf32"), swapped, True),
+        (90, tb._merged_gemm_kernel, gemm(torch.float32, True, "ieee"), tb.GEMM_CONFIGS[2], None),
+        (90, tb._wgrad_kernel, wgrad(torch.bfloat16, True, "tf32"), tb.WGRAD_CONFIGS[0], None),
+        (90, tb._wgrad_kernel, wgrad(torch.float32, False, "tf32"), tb.WGRAD_CONFIGS[2], None),
+        (80, tb._merged_gemm_kernel, gemm(torch.bfloat16, False, "tf32"), plain, None),
+        (80, tb._merged_gemm_kernel, gemm(torch.float32, True, "tf32"), swapped, None),
+        (80, tb._wgrad_kernel, wgrad(torch.float16, False, "tf32"), tb.WGRAD_CONFIGS[2], None),
+    ]
+    for cap, fn, values, config, merged_in_registers in jobs:
+        kernel = compile_for(fn, values, config, cap)
+        ttgir = kernel.asm["ttgir"]
+        if cap >= 90 and values.get("PRECISION") != "ieee":
+            assert "ttng.warp_group_dot " in ttgir, "no wgmma on sm_90"
+        if merged_in_registers is not None:  # the left wgmma operand: registers (tensor) or smem (memdesc)
+            dots = [line.split("} : ", 1)[1] for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]
+            assert dots and all(d.startswith("tensor<") == merged_in_registers for d in dots), (config, dots)
+        print(f"ok sm_{cap} {fn.__name__} {config} shared={kernel.metadata.shared}", flush=True)
+
+
+if __name__ == "__main__":
+    _compile_ahead_of_time()
