@@ -253,3 +253,18 @@ def test_merge_bad_input(tmp_path, capsys):
     assert out.read_bytes() != b"keep me"
     assert "same file" in err_of(str(good), str(good), "--force")
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_demo_without_tqdm_and_matplotlib(monkeypatch, tmp_path, capsys):
+    if not HAS_DEMO_DEPS:
+        pytest.skip("m2pt demo needs scikit-learn and safetensors")
+    for mod in ("tqdm", "tqdm.auto", "matplotlib", "matplotlib.pyplot"):
+        monkeypatch.setitem(sys.modules, mod, None)  # import raises ImportError
+    rc, out, _ = _run(capsys, "demo", "--out", str(tmp_path), "--aux-steps", "2", "--steps", "4", "--seeds", "1",
+                      "--eval-every", "2", "--timing-repeats", "1")
+    assert rc == 0
+    assert "auxiliary (point clouds): 2/2" in out  # plain progress lines instead of bars
+    assert "matplotlib is not installed" in out
+    rep = json.loads((tmp_path / "report.json").read_text())
+    assert "png" not in rep and not (tmp_path / "training_curves.png").exists()
+    assert rep["target"]["summary"]["m2pt"]["test_accs"]
