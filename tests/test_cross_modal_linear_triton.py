@@ -141,6 +141,16 @@ def test_scale_in_half_precision(per_channel):
     check_against_reference((x, w, a, s, b), torch.float16)
 
 
+def test_strided_bias_and_scale():
+    """b and λ as strided views (every other element of a larger buffer)."""
+    x, w, a, _, _ = make_inputs((5, 3), 18, 22, torch.float32)
+    s = torch.randn(44, device=DEVICE)[::2].requires_grad_(True)
+    b = torch.randn(66, device=DEVICE)[::3].requires_grad_(True)
+    assert s.stride(0) == 2 and b.stride(0) == 3
+    with triton_backend.config_override(gemm=CONFIGS[2][1], wgrad=CONFIGS[2][2]):
+        check_against_reference((x, w, a, s, b), torch.float32)
+
+
 def test_scale_only_no_dgrad():
     """x frozen too: only dλ is computed (no dgrad launch)."""
     x, w, a, s, b = make_inputs((9,), 21, 14, torch.bfloat16, weight_trainable=False, aux_trainable=False,

@@ -78,6 +78,7 @@ def _merged_gemm_kernel(
     stride_wr, stride_wc,  # W seen as B[R, NC]
     stride_ur, stride_uc,  # W' seen as B[R, NC]
     stride_lam,            # 0 when λ has shape [1]
+    stride_bias,
     stride_cm, stride_cc,
     M_BUCKET,              # autotune key only
     LAM_ON_R: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -131,12 +132,12 @@ def _merged_gemm_kernel(
 
     if SWAP_AB:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[:, None]
+            acc += tl.load(bias_ptr + offs_c * stride_bias, mask=mask_c, other=0.0).to(tl.float32)[:, None]
         c_ptrs = c_ptr + offs_c[:, None] * stride_cc + offs_m[None, :] * stride_cm
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_c[:, None] & mask_m[None, :])
     else:
         if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)[None, :]
+            acc += tl.load(bias_ptr + offs_c * stride_bias, mask=mask_c, other=0.0).to(tl.float32)[None, :]
         c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_c[None, :] * stride_cc
         tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_c[None, :])
 
@@ -315,7 +316,7 @@ def _merged_gemm(a: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor,
         return out
     args = (a, weight, aux_weight, scale, bias if bias is not None else out, out,
             m, nc, r, a.stride(0), a.stride(1), *sw, *su, 0 if scale.numel() == 1 else scale.stride(0),
-            out.stride(0), out.stride(1), triton.next_power_of_2(m))
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), triton.next_power_of_2(m))
     flags = dict(LAM_ON_R=lam_on_r, HAS_BIAS=bias is not None,
                  PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype))
     meta = _meta("gemm")
