@@ -1238,6 +1238,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for torch (default: 1 with --tiny, else torch's; on a shared or loaded "
                         "machine 1 thread gives far steadier CPU numbers)")
+    p.add_argument("--plan-only", action="store_true",
+                   help="print the cases --budget-s would keep (with estimated seconds) and exit; touches no "
+                        "device, so `--device cuda --plan-only` works on a machine without a GPU")
     p.add_argument("--note", default=None, help="free text recorded in the results and shown above the table")
     p.add_argument("--quiet", action="store_true")
     return p
@@ -1350,10 +1353,41 @@ def run(args) -> dict:
     return res
 
 
+def plan_only(args) -> int:
+    """``--plan-only``: the cases a run would keep and drop, from the budget estimate alone."""
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.max_reps = args.max_reps or (200 if device.type == "cuda" else 30)
+    args.target_s = args.target_s or (0.15 if device.type == "cuda" else 0.3)
+    if args.compile_mode is None and device.type == "cuda":
+        args.compile_mode = "max-autotune-no-cudagraphs"
+    provs = list(PROVIDERS) if not args.providers else [p.strip() for p in args.providers.split(",")]
+    if args.no_compile and "paper_compiled" in provs:
+        provs.remove("paper_compiled")
+    peaks = {"matmul_tflops": 700.0 if device.type == "cuda" else 0.05}
+    if args.grid == "explicit":
+        cases = grid_from_lists(args)
+    else:
+        cases = filter_cases(full_grid() if args.mode == "full" and not args.tiny else quick_grid(device.type, args.tiny), args)
+    kept, dropped = plan_cases(cases, provs, device, peaks, args)
+    seen: set = set()
+    total = 0.0
+    for c in kept:
+        est = estimate_case_s(c, provs, device, peaks, args, seen)
+        total += est
+        print(f"keep  p{c.priority} {c.label():70s} ~{est:5.1f} s")
+    for d in dropped:
+        print(f"drop  p{d['priority']} {d['case']:70s} {d['reason']}")
+    print(f"{len(kept)} kept (~{total:.0f} s estimated, plus the whole-model section), {len(dropped)} dropped; "
+          f"providers {','.join(provs)}; device type {device.type}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """``m2pt bench [ARGS]``: run the benchmarks (quick mode by default), write the JSON, print the
     target check and the markdown table last. Returns 0 when the run completed."""
     args = build_parser().parse_args(argv)
+    if args.plan_only:
+        return plan_only(args)
     threads = torch.get_num_threads()
     if args.threads is None and args.tiny:
         args.threads = 1

@@ -272,3 +272,12 @@ def test_gpu_check_dry_run(tmp_path):
     tail = proc.stdout.rstrip().splitlines()
     assert any(line.startswith("| model | layer") for line in tail[-40:]), proc.stdout[-2000:]
     assert "bench: rc=0" in (out / "summary.txt").read_text()
+
+
+def test_plan_only_touches_no_device(capsys):
+    """`--device cuda --plan-only` plans a GPU run on a machine without one."""
+    assert bench.main(["--device", "cuda", "--mode", "full", "--budget-s", "195", "--plan-only"]) == 0
+    out = capsys.readouterr().out
+    keep = [l for l in out.splitlines() if l.startswith("keep")]
+    assert len(keep) >= 16 and all(" p0 " in l for l in keep[:16])
+    assert "dropped" in out.splitlines()[-1]
