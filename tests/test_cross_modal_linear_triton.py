@@ -389,8 +389,8 @@ def _compile_ahead_of_time():
         wr, wc = (k, 1) if lam_on_r else (1, k)
         return dict(a_ptr=dtype, w_ptr=dtype, aux_ptr=dtype, lam_ptr=torch.float32, bias_ptr=dtype, c_ptr=dtype,
                     M=m, NC=nc, R=r, stride_am=r, stride_ar=1, stride_wr=wr, stride_wc=wc, stride_ur=wr,
-                    stride_uc=wc, stride_lam=1, stride_bias=0 if lam_on_r else 1, stride_cm=nc, stride_cc=1, M_BUCKET=2048, LAM_ON_R=lam_on_r,
-                    HAS_BIAS=not lam_on_r, PRECISION=precision, UPCAST=False)
+                    stride_uc=wc, stride_lam=1, stride_bias=0 if lam_on_r else 1, stride_cm=nc, stride_cc=1,
+                    M_BUCKET=2048, LAM_ON_R=lam_on_r, HAS_BIAS=not lam_on_r, PRECISION=precision, UPCAST=False)
 
     def wgrad(dtype, need_w, precision, m=1576, n=3072, k=768):
         return dict(dy_ptr=dtype, x_ptr=dtype, aux_ptr=dtype, lam_ptr=torch.float32, dw_ptr=dtype, daux_ptr=dtype,

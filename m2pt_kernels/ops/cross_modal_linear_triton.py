@@ -18,7 +18,8 @@ partial of dλ against the W' tile into a small fp32 buffer [SPLIT_M, k-tiles, N
 programs with k-tile index 0 write db = Σ_m dy (accumulated from the dy tiles they load anyway)
 into an fp32 buffer [SPLIT_M, N]. One small torch sum over those buffers finishes dλ and db:
 deterministic, no atomics. When only dλ / db are wanted (linear probing) G is never written and
-M may be split over ``SPLIT_M`` programs per tile (more parallelism when N·K tiles are few).
+M may be split over ``SPLIT_M`` programs per tile (more parallelism when N·K tiles are few). When
+G is written there is no split (it would need an fp32 [SPLIT_M, N, K] workspace).
 
 On CUDA both kernels are autotuned (configs below, for Ampere and Hopper). Under
 ``TRITON_INTERPRET=1`` one small config is used (tests may pick others with ``config_override``).
@@ -47,9 +48,10 @@ def _interpreting() -> bool:
 
 @triton.jit
 def _dot(a, b, acc, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: bf16 operands under the interpreter (triton 3.8's interpreter multiplies the raw
-    # uint16 bits of bf16 in tl.dot). bf16·bf16 products are exact in fp32, so an IEEE fp32 dot of
-    # the bf16-rounded operands gives what the tensor cores give.
+    # UPCAST: bf16 operands under the interpreter, which multiplies the raw uint16 bits of bf16 in
+    # tl.dot (triton-lang/triton#11584, "not supported yet"); every other bf16 value here is only
+    # loaded, cast or stored. bf16·bf16 products are exact in fp32, so an IEEE fp32 dot of the
+    # bf16-rounded operands gives what the tensor cores give.
     if UPCAST:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
