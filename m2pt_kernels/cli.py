@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="exit codes: 0 ok, 2 user error")
     sub = p.add_subparsers(dest="command", metavar="{demo,info,merge,bench}")
     d = sub.add_parser("demo", help="end-to-end M2PT run: point-cloud auxiliary -> digit-image target",
-                       description=demo.__doc__.split("\n\n")[0])
+                       description=demo.DESCRIPTION)
     demo.add_arguments(d)
     i = sub.add_parser("info", help="versions, devices, available backends and why not")
     i.add_argument("--json", action="store_true", help="print machine-readable JSON")
