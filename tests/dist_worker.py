@@ -41,6 +41,8 @@ IMG = 16
 #   "helper":        m2pt_kernels.distributed.broadcast_aux_buffers, then DDP without per-forward
 #                    buffer sync / FSDP2 (which never syncs buffers)
 #   "none":          nothing to sync (the auxiliary weights are parameters)
+# "_probe": the paper's linear probing (mark_only_scales_trainable: only λ and the head train; W is a
+# frozen Parameter, which FSDP2 still shards and DDP leaves out of the reduction).
 # "_cached": trained in eval mode with the merged-weight cache on, so the no-grad forward after the
 # optimizer step checks that the cache was invalidated (under FSDP2 the unsharded parameters are
 # refilled without a version-counter bump; the layer's global optimizer-step counter covers that).
@@ -51,14 +53,17 @@ SCENARIOS = {
     "fsdp2_frozen_scalar": ("fsdp2", False, False, "helper"),
     "fsdp2_frozen_channel_cached": ("fsdp2", False, True, "helper"),
     "fsdp2_trainable_channel": ("fsdp2", True, True, "none"),
+    "ddp_frozen_channel_probe": ("ddp", False, True, "helper"),
+    "fsdp2_frozen_scalar_probe": ("fsdp2", False, False, "helper"),
 }
 
 
 # ----------------------------------------------------------------------------- shared set-up
-def build_model(aux_trainable: bool, per_channel: bool, device="cpu", depth: int = 2, seed: int = 1234) -> nn.Module:
+def build_model(aux_trainable: bool, per_channel: bool, device="cpu", depth: int = 2, seed: int = 1234,
+                only_scales: bool = False) -> nn.Module:
     """A tiny image ViT (width 32, depth 2) with pathways to another ViT; same on every rank."""
     from m2pt_kernels.models import vit_for_images
-    from m2pt_kernels.pathways import PathwayConfig, add_pathways
+    from m2pt_kernels.pathways import PathwayConfig, add_pathways, mark_only_scales_trainable
 
     kw = dict(img_size=IMG, patch_size=4, embed_dim=32, depth=depth, num_heads=2, mlp_ratio=2.0)
     torch.manual_seed(seed)
@@ -73,6 +78,8 @@ def build_model(aux_trainable: bool, per_channel: bool, device="cpu", depth: int
         for name, p in target.named_parameters():
             if name.endswith("cross_modal_scale"):
                 p.uniform_(0.2, 0.8)
+    if only_scales:
+        mark_only_scales_trainable(target)
     return target.to(device)
 
 
@@ -124,7 +131,7 @@ def run_steps(model, opt, rank: int, world: int, device="cpu", call=None, cached
 
 def single_process_reference(scenario: str, device="cpu") -> dict:
     _, aux_trainable, per_channel, _ = SCENARIOS[scenario]
-    model = build_model(aux_trainable, per_channel, device)
+    model = build_model(aux_trainable, per_channel, device, only_scales=scenario.endswith("_probe"))
     return run_steps(model, make_optimizer(model), 0, 1, device, cached=scenario.endswith("_cached"))
 
 
@@ -140,7 +147,7 @@ def _worker_scenario(name: str, rank: int, world: int, device: str) -> dict:
     from m2pt_kernels.distributed import (aux_buffers, broadcast_aux_buffers, check_aux_buffers_consistent,
                                           disable_merged_weight_cache)
     wrapper, aux_trainable, per_channel, sync = SCENARIOS[name]
-    model = build_model(aux_trainable, per_channel, device)
+    model = build_model(aux_trainable, per_channel, device, only_scales=name.endswith("_probe"))
     info = {"n_aux_buffers": len(aux_buffers(model))}
     aux_ids = {id(b) for _, b in aux_buffers(model)}
     if rank != 0:  # a rank that built different auxiliary weights: syncing must repair it
