@@ -105,10 +105,19 @@ def requested_backend() -> str:
     return "auto"
 
 
+_usable_cache: dict[tuple[str, bool], bool] = {}
+
+
 def _usable(name: str) -> bool:
-    """``backend_status()[name][0]``; under torch.compile evaluated once at trace time (it imports
-    modules, which dynamo will not trace) and baked into the graph as a constant."""
-    return backend_status()[name][0]
+    """``backend_status()[name][0]``, cached: it is asked on every op call on CUDA tensors, and
+    availability does not change within a process (only TRITON_INTERPRET, part of the key).
+    Under torch.compile it is evaluated once at trace time (it imports modules, which dynamo will
+    not trace) and baked into the graph as a constant."""
+    key = (name, triton_interpret())
+    ok = _usable_cache.get(key)
+    if ok is None:
+        ok = _usable_cache[key] = backend_status()[name][0]
+    return ok
 
 
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it

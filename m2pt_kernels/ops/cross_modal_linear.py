@@ -23,6 +23,10 @@ implementation so ``torch.compile(fullgraph=True)`` traces them without graph br
 - ``m2pt::cross_modal_linear_wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale,
   need_bias, backend) -> (dW, dW', dλ, db)``; a gradient not asked for comes back as an empty tensor.
 
+In eager mode ``cross_modal_linear`` runs the same computation through a plain
+``torch.autograd.Function`` (the custom-op wrapping costs more than a small GEMM per call); under
+``torch.compile`` it calls the registered op.
+
 Each backend module (see ``m2pt_kernels._dispatch``) provides, on 2-D views::
 
     forward(x2, weight, aux_weight, scale, bias) -> y2                       # [M, N], x's dtype
@@ -117,13 +121,31 @@ def _impl(backend: str):
     return _dispatch.implementation(backend)
 
 
+# The three computations on any leading dims; shared by the registered ops and the eager path.
+def _forward(x, weight, aux_weight, scale, bias, backend):
+    k = weight.shape[1]
+    y2 = _impl(backend).forward(x.reshape(-1, k), weight, aux_weight, scale, bias)
+    return y2.view(*x.shape[:-1], weight.shape[0])
+
+
+def _dgrad(dy, weight, aux_weight, scale, backend):
+    n, k = weight.shape
+    dx2 = _impl(backend).dgrad(dy.reshape(-1, n), weight, aux_weight, scale)
+    return dx2.view(*dy.shape[:-1], k)
+
+
+def _wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, backend):
+    n, k = aux_weight.shape
+    return _impl(backend).wgrad(
+        dy.reshape(-1, n), x.reshape(-1, k), aux_weight, scale, need_weight, need_aux, need_scale, need_bias
+    )
+
+
 @torch.library.custom_op("m2pt::cross_modal_linear", mutates_args=())
 def _cross_modal_linear_op(
     x: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, bias: Optional[Tensor], backend: str
 ) -> Tensor:
-    k = weight.shape[1]
-    y2 = _impl(backend).forward(x.reshape(-1, k), weight, aux_weight, scale, bias)
-    return y2.view(*x.shape[:-1], weight.shape[0])
+    return _forward(x, weight, aux_weight, scale, bias, backend)
 
 
 @_cross_modal_linear_op.register_fake
@@ -133,9 +155,7 @@ def _(x, weight, aux_weight, scale, bias, backend):
 
 @torch.library.custom_op("m2pt::cross_modal_linear_dgrad", mutates_args=())
 def _dgrad_op(dy: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, backend: str) -> Tensor:
-    n, k = weight.shape
-    dx2 = _impl(backend).dgrad(dy.reshape(-1, n), weight, aux_weight, scale)
-    return dx2.view(*dy.shape[:-1], k)
+    return _dgrad(dy, weight, aux_weight, scale, backend)
 
 
 @_dgrad_op.register_fake
@@ -148,10 +168,7 @@ def _wgrad_op(
     dy: Tensor, x: Tensor, aux_weight: Tensor, scale: Tensor,
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool, backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    n, k = aux_weight.shape
-    grads = _impl(backend).wgrad(
-        dy.reshape(-1, n), x.reshape(-1, k), aux_weight, scale, need_weight, need_aux, need_scale, need_bias
-    )
+    grads = _wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, backend)
     empty = dy.new_empty(_EMPTY_SHAPE)
     return tuple(g if g is not None else empty.clone() for g in grads)
 
@@ -170,22 +187,20 @@ def _(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, ba
     )
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, aux_weight, scale, bias, backend = inputs
-    ctx.save_for_backward(x, weight, aux_weight, scale)
+def _save(ctx, x, weight, aux_weight, scale, backend):
+    ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
     ctx.backend = backend
 
 
-def _backward(ctx, dy):
+def _backward(ctx, dy, dgrad, wgrad):
+    """The gradients of the module docstring, only those ``needs_input_grad`` asks for."""
     x, weight, aux_weight, scale = ctx.saved_tensors
     need_x, need_w, need_aux, need_scale, need_bias = ctx.needs_input_grad[:5]
     dx = dw = daux = dscale = db = None
     if need_x:
-        dx = torch.ops.m2pt.cross_modal_linear_dgrad(dy, weight, aux_weight, scale, ctx.backend)
+        dx = dgrad(dy, weight, aux_weight, scale, ctx.backend)
     if need_w or need_aux or need_scale or need_bias:
-        gw, gaux, gscale, gb = torch.ops.m2pt.cross_modal_linear_wgrad(
-            dy, x, aux_weight, scale, need_w, need_aux, need_scale, need_bias, ctx.backend
-        )
+        gw, gaux, gscale, gb = wgrad(dy, x, aux_weight, scale, need_w, need_aux, need_scale, need_bias, ctx.backend)
         dw = gw if need_w else None
         daux = gaux if need_aux else None
         dscale = gscale if need_scale else None
@@ -193,7 +208,33 @@ def _backward(ctx, dy):
     return dx, dw, daux, dscale, db, None
 
 
-_cross_modal_linear_op.register_autograd(_backward, setup_context=_setup_context)
+def _setup_context(ctx, inputs, output):
+    x, weight, aux_weight, scale, bias, backend = inputs
+    _save(ctx, x, weight, aux_weight, scale, backend)
+
+
+_cross_modal_linear_op.register_autograd(
+    lambda ctx, dy: _backward(ctx, dy, torch.ops.m2pt.cross_modal_linear_dgrad,
+                              torch.ops.m2pt.cross_modal_linear_wgrad),
+    setup_context=_setup_context,
+)
+
+
+class _EagerCrossModalLinear(torch.autograd.Function):
+    """The same op and autograd as the registered one, without the custom-op wrapping.
+
+    In eager mode ``torch.library``'s dispatch costs several times a small GEMM's runtime per
+    call; this path calls the backend directly. ``torch.compile`` traces the registered op instead.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, aux_weight, scale, bias, backend):
+        _save(ctx, x, weight, aux_weight, scale, backend)
+        return _forward(x, weight, aux_weight, scale, bias, backend)
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, _dgrad, _wgrad)
 
 
 def cross_modal_linear(
@@ -219,4 +260,6 @@ def cross_modal_linear(
             bias = bias.to(dtype)
     check_inputs(x, weight, aux_weight, cross_modal_scale, bias)
     backend = _dispatch.resolve(x)
-    return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
+    if torch.compiler.is_compiling():
+        return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
+    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias, backend)
