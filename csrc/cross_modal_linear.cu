@@ -169,6 +169,87 @@ template <> struct TileMma<float, kMathFFMA> {  // fp32 "highest": plain FFMA, 8
   }
 };
 
+// ---- 16-byte tile loads ----------------------------------------------------------------------------
+template <typename T, int V>
+__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[V]) {
+  if constexpr (V == 1) {
+    out[0] = to_f(*ptr);
+  } else {
+    static_assert(V * sizeof(T) == 16, "vector loads are 16 bytes");
+    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
+    const T* e = reinterpret_cast<const T*>(&raw);
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[v] = to_f(e[v]);
+  }
+}
+
+// Thread tid's share of a ROWS x COLS operand tile with 16-byte loads: vector q = tid + u*kThreads
+// covers V consecutive elements along the tile's memory-contiguous dim (its columns when fast_col,
+// else its rows). The host guarantees (vector_layout): that dim has stride 1 and a global extent
+// that is a multiple of V, the other stride is a multiple of V and the pointers are 16-byte aligned,
+// so a vector whose first element is in bounds lies wholly in bounds.
+template <int ROWS, int COLS, int V>
+__device__ __forceinline__ void vec_coords(int u, bool fast_col, int& r, int& c) {
+  const int q = threadIdx.x + u * kThreads;
+  if (fast_col) {
+    r = q / (COLS / V);
+    c = (q % (COLS / V)) * V;
+  } else {
+    c = q / (ROWS / V);
+    r = (q % (ROWS / V)) * V;
+  }
+}
+
+// out[u*V + v] = element v of vector u (merged with λ·base2 when base2 != nullptr), 0 out of bounds.
+template <typename T, int ROWS, int COLS>
+__device__ __forceinline__ void load_tile_vec(float (&out)[kPerThread], bool fast_col, const T* __restrict__ base,
+                                              const T* __restrict__ base2, int64_t slow_stride, int64_t row0,
+                                              int64_t col0, int64_t rows, int64_t cols, const float* lam,
+                                              int64_t lam_r, int64_t lam_c) {
+  constexpr int V = int(16 / sizeof(T));
+  static_assert(ROWS * COLS == kPerThread * kThreads && ROWS % V == 0 && COLS % V == 0, "tile shape");
+#pragma unroll
+  for (int u = 0; u < kPerThread / V; ++u) {
+    int r, c;
+    vec_coords<ROWS, COLS, V>(u, fast_col, r, c);
+    const int64_t gr = row0 + r, gc = col0 + c;
+    float w[V];
+    if (gr < rows && gc < cols) {
+      const int64_t off = fast_col ? gr * slow_stride + gc : gc * slow_stride + gr;
+      load_vec<T, V>(base + off, w);
+      if (base2 != nullptr) {  // W + λ·W'
+        float a[V];
+        load_vec<T, V>(base2 + off, a);
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          const int64_t lr = gr + (fast_col ? 0 : v), lc = gc + (fast_col ? v : 0);
+          w[v] = fmaf(lam[lr * lam_r + lc * lam_c], a[v], w[v]);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) w[v] = 0.0f;
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) out[u * V + v] = w[v];
+  }
+}
+
+template <typename ST, int ROWS, int COLS, int LD>
+__device__ __forceinline__ void store_tile_vec(const float (&in)[kPerThread], bool fast_col, ST* smem_tile) {
+  constexpr int V = int(16 / sizeof(ST));
+#pragma unroll
+  for (int u = 0; u < kPerThread / V; ++u) {
+    int r, c;
+    vec_coords<ROWS, COLS, V>(u, fast_col, r, c);
+#pragma unroll
+    for (int v = 0; v < V; ++v) {
+      const int rr = r + (fast_col ? 0 : v), cc = c + (fast_col ? v : 0);
+      smem_tile[rr * LD + cc] = from_f<ST>(in[u * V + v]);
+    }
+  }
+}
+
 // ---- the tiled GEMM with fused merge and epilogues (see GemmArgs) ---------------------------------
 template <typename T, int MATH, int EPI>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
@@ -203,6 +284,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
   float ra[kPerThread], rb[kPerThread];
 
   auto load_tile = [&](int64_t k0) {
+    if (p.a_vec) {
+      load_tile_vec<T, BM, BK>(ra, p.a_fast_col, A, nullptr, p.a_fast_col ? p.sa_i : p.sa_k, m0, k0, p.Mg, p.Kg,
+                               nullptr, 0, 0);
+    } else {
 #pragma unroll
     for (int t = 0; t < kPerThread; ++t) {
       const int e = tid + t * kThreads;
@@ -211,6 +296,11 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
       const int64_t gi = m0 + r, gk = k0 + c;
       ra[t] = (gi < p.Mg && gk < p.Kg) ? to_f(A[gi * p.sa_i + gk * p.sa_k]) : 0.0f;
     }
+    }
+    if (p.b_vec) {
+      load_tile_vec<T, BK, BN>(rb, p.b_fast_col, B, B2, p.b_fast_col ? p.sb_k : p.sb_j, k0, n0, p.Kg, p.Ng, p.lam,
+                               p.lam_k, p.lam_j);
+    } else {
 #pragma unroll
     for (int t = 0; t < kPerThread; ++t) {
       const int e = tid + t * kThreads;
@@ -225,23 +315,32 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
       }
       rb[t] = v;
     }
+    }
   };
   auto store_tile = [&](int buf) {
     ST* As = stage0 + buf * STAGE;
     ST* Bs = As + A_ELEMS;
+    if (p.a_vec) {
+      store_tile_vec<ST, BM, BK, LDA>(ra, p.a_fast_col, As);
+    } else {
 #pragma unroll
-    for (int t = 0; t < kPerThread; ++t) {
-      const int e = tid + t * kThreads;
-      const int r = a_k_fast ? e / BK : e % BM;
-      const int c = a_k_fast ? e % BK : e / BM;
-      As[r * LDA + c] = from_f<ST>(ra[t]);
+      for (int t = 0; t < kPerThread; ++t) {  // the scalar load's mapping
+        const int e = tid + t * kThreads;
+        const int r = a_k_fast ? e / BK : e % BM;
+        const int c = a_k_fast ? e % BK : e / BM;
+        As[r * LDA + c] = from_f<ST>(ra[t]);
+      }
     }
+    if (p.b_vec) {
+      store_tile_vec<ST, BK, BN, LDB>(rb, p.b_fast_col, Bs);
+    } else {
 #pragma unroll
-    for (int t = 0; t < kPerThread; ++t) {
-      const int e = tid + t * kThreads;
-      const int kk = b_j_fast ? e / BN : e % BK;
-      const int jj = b_j_fast ? e % BN : e / BK;
-      Bs[kk * LDB + jj] = from_f<ST>(rb[t]);
+      for (int t = 0; t < kPerThread; ++t) {
+        const int e = tid + t * kThreads;
+        const int kk = b_j_fast ? e / BN : e % BK;
+        const int jj = b_j_fast ? e % BN : e / BK;
+        Bs[kk * LDB + jj] = from_f<ST>(rb[t]);
+      }
     }
   };
 
@@ -315,19 +414,6 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
 constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kGemvRows = 8;  // tokens per pass (accumulators per lane)
-
-template <typename T, int V>
-__device__ __forceinline__ void load_vec(const T* ptr, float (&out)[V]) {
-  if constexpr (V == 1) {
-    out[0] = to_f(*ptr);
-  } else {
-    static_assert(V * sizeof(T) == 16, "vector loads are 16 bytes");
-    const uint4 raw = *reinterpret_cast<const uint4*>(ptr);
-    const T* e = reinterpret_cast<const T*>(&raw);
-#pragma unroll
-    for (int v = 0; v < V; ++v) out[v] = to_f(e[v]);
-  }
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -419,8 +505,29 @@ __global__ void colsum_kernel(const T* __restrict__ dy, int64_t M, int64_t N, in
 // ---- launch helpers ----------------------------------------------------------------------------
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+bool aligned16(const void* ptr) { return ptr == nullptr || reinterpret_cast<uintptr_t>(ptr) % 16 == 0; }
+
+// Can a [rows, cols] operand with strides (s_row, s_col) be loaded with V-element (16-byte) vectors
+// along its contiguous dim? (see load_tile_vec) Sets fast_col to that dim.
+bool vector_layout(const void* ptr, const void* ptr2, int64_t s_row, int64_t s_col, int64_t rows, int64_t cols,
+                   int64_t V, bool& fast_col) {
+  if (!aligned16(ptr) || !aligned16(ptr2)) return false;
+  if (s_col == 1 && cols % V == 0 && s_row % V == 0) {
+    fast_col = true;
+    return true;
+  }
+  if (s_row == 1 && rows % V == 0 && s_col % V == 0) {
+    fast_col = false;
+    return true;
+  }
+  return false;
+}
+
 template <typename T, int MATH, int EPI>
-void launch_gemm_t(const GemmArgs& g, cudaStream_t stream) {
+void launch_gemm_t(GemmArgs g, cudaStream_t stream) {
+  constexpr int64_t V = 16 / sizeof(T);
+  g.a_vec = vector_layout(g.a, nullptr, g.sa_i, g.sa_k, g.Mg, g.Kg, V, g.a_fast_col);
+  g.b_vec = vector_layout(g.b, g.b2, g.sb_k, g.sb_j, g.Kg, g.Ng, V, g.b_fast_col);
   const dim3 grid(static_cast<unsigned>(ceil_div(g.Mg, BM)), static_cast<unsigned>(ceil_div(g.Ng, BN)));
   gemm_kernel<T, MATH, EPI><<<grid, kThreads, 0, stream>>>(g);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -441,8 +548,7 @@ void launch_gemm(const GemmArgs& g, DType dtype, Fp32Math math, cudaStream_t str
 template <typename T>
 void launch_gemv_t(const ForwardArgs& a, cudaStream_t stream) {
   constexpr int V = int(16 / sizeof(T));
-  const auto aligned = [](const void* ptr) { return reinterpret_cast<uintptr_t>(ptr) % 16 == 0; };
-  const bool vec = a.K % V == 0 && aligned(a.w) && aligned(a.w2) && aligned(a.x) && a.sx_k == 1 &&
+  const bool vec = a.K % V == 0 && aligned16(a.w) && aligned16(a.w2) && aligned16(a.x) && a.sx_k == 1 &&
                    a.sx_m % V == 0;
   const dim3 grid(static_cast<unsigned>(ceil_div(a.N, kGemvWarps)));
   if (vec) gemv_forward_kernel<T, true><<<grid, kGemvThreads, 0, stream>>>(a);

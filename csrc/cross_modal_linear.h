@@ -38,6 +38,10 @@ struct GemmArgs {
   float* dlam_partial = nullptr;// wgrad: [ceil(Ng/BN), Mg] fp32 per-block partials of Σ_k G⊙W'
   int64_t lam_i = 0;            // wgrad: λ index stride over rows (0 or 1) for dW'
   void* rowsum = nullptr;       // wgrad: db[i] = Σ_k A(i, k) (A = dyᵀ), fused, optional
+  // Set by the launcher: the operand is loaded with 16-byte vectors along its contiguous dim
+  // (a: columns = k when a_fast_col, else rows = i; b: columns = j when b_fast_col, else rows = k).
+  bool a_vec = false, a_fast_col = true;
+  bool b_vec = false, b_fast_col = true;
 };
 
 // Tile of the tensor-core / FFMA GEMM kernel (rows, cols, reduction step); used by the host to size
