@@ -260,3 +260,15 @@ def test_import_needs_only_torch():
             "assert not bad, bad")
     env = {k: v for k, v in os.environ.items() if k != "M2PT_BACKEND"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_output_is_not_a_view_and_can_be_modified_in_place(backend):
+    """Users write ``y.add_(r)`` or follow the layer with ``ReLU(inplace=True)``."""
+    x, w, a, s, b = make_inputs((2, 5), 8, 6, torch.float32)
+    with use_backend(backend):
+        y = cross_modal_linear(x, w, a, s, b)
+    assert y._base is None
+    y.relu_()
+    y.sum().backward()
+    assert x.grad is not None and s.grad is not None

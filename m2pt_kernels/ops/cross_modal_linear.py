@@ -121,17 +121,23 @@ def _impl(backend: str):
     return _dispatch.implementation(backend)
 
 
+def _unflatten(t2, lead):
+    # Not a view: outputs of a custom Function that are views can't be modified in place
+    # (``y.add_(r)``, ``ReLU(inplace=True)``), and FSDP2 warns about modules returning views.
+    return torch.ops.aten._unsafe_view(t2, (*lead, t2.shape[-1]))
+
+
 # The three computations on any leading dims; shared by the registered ops and the eager path.
 def _forward(x, weight, aux_weight, scale, bias, backend):
     k = weight.shape[1]
     y2 = _impl(backend).forward(x.reshape(-1, k), weight, aux_weight, scale, bias)
-    return y2.view(*x.shape[:-1], weight.shape[0])
+    return _unflatten(y2, x.shape[:-1])
 
 
 def _dgrad(dy, weight, aux_weight, scale, backend):
     n, k = weight.shape
     dx2 = _impl(backend).dgrad(dy.reshape(-1, n), weight, aux_weight, scale)
-    return dx2.view(*dy.shape[:-1], k)
+    return _unflatten(dx2, dy.shape[:-1])
 
 
 def _wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, backend):
