@@ -23,6 +23,7 @@ DEVICE = "cuda"
 TOKENS = [1, 7, 64, 65, 197, 1576]
 SHAPES = [(33, 17), (768, 2304)]  # (K, N): odd, and ViT-B attn.qkv
 # (dtype, float32 matmul precision): fp32 "highest" runs the FFMA kernels, "high" the tf32 ones.
+DLAM_TOL, DLAM_TOL_TF32 = 1e-4, 2e-3
 PRECISIONS = [(torch.bfloat16, "highest"), (torch.float16, "highest"), (torch.float32, "highest"),
               (torch.float32, "high")]
 
@@ -63,7 +64,9 @@ def run_cuda(inputs, dy):
 
 def dlam_err(got, ref, x, a, dy, per_channel):
     """dλ's error on the scale of its terms: |Σ_k G⊙W'| <= ‖G_n‖·‖W'_n‖ per channel (summed over n for
-    one λ). Used for tf32, where a plain relative error of a cancelling sum is meaningless."""
+    one λ): a plain relative error is meaningless when the sum cancels (seen: 1.4e-4 for fp32 in the
+    emulator). dλ is fp32 for every input dtype (exact products accumulated in fp32), so its bound is
+    DLAM_TOL, or DLAM_TOL_TF32 when tf32 rounds G's inputs."""
     k, n = x.shape[-1], dy.shape[-1]
     g = dy.detach().double().cpu().reshape(-1, n).t() @ x.detach().double().cpu().reshape(-1, k)
     bound = g.norm(dim=1) * a.detach().double().cpu().norm(dim=1)
@@ -85,11 +88,12 @@ def check_against_reference(inputs, dy, dtype):
             continue
         assert g is not None, f"{name} missing"
         assert g.shape == t.shape and g.dtype == t.dtype, (name, g.shape, g.dtype)
-        if name == "dλ" and tf32:
+        if name == "dλ":
             err = dlam_err(g, g64, inputs[0], inputs[2], dy, t.numel() > 1)
+            assert err < (DLAM_TOL_TF32 if tf32 else DLAM_TOL), (name, err)
         else:
             err = rel_err(g, g64)
-        assert err < tol, (name, err)
+            assert err < tol, (name, err)
 
 
 @pytest.mark.parametrize("matmul_precision,dtype", [(p, d) for d, p in PRECISIONS],
@@ -148,7 +152,7 @@ def test_wgrad_op_lambda_only_and_deterministic():
         g = dy.double().t() @ x.double()
         ref = (g * a.double()).sum(1)
         ref = ref if numel > 1 else ref.sum().view(1)
-        assert rel_err(dlam, ref) < 2e-2
+        assert dlam_err(dlam, ref, x, a, dy, numel > 1) < DLAM_TOL
 
 
 def test_gemv_scalar_fallback_unaligned():

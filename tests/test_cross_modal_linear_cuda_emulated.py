@@ -27,6 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+DLAM_TOL, DLAM_TOL_TF32 = 1e-5, 2e-3
 
 
 def _cuda_include():
@@ -110,7 +111,9 @@ def make(m, k, n, dtype, *, per_channel, bias, strided_x=False, strided_dy=False
 
 def dlam_err(got, ref, x, a, dy, per_channel):
     """dλ's error on the scale of its terms: |Σ_k G⊙W'| <= ‖G_n‖·‖W'_n‖ per channel (summed over n for
-    one λ). A plain relative error is meaningless when the sum cancels (tf32 rounds G's inputs)."""
+    one λ). A plain relative error is meaningless when the sum cancels (seen: 1.4e-4 in fp32 for one
+    λ). dλ is fp32 whatever the input dtype (G accumulates exact products of the inputs in fp32), so
+    its tolerance does not depend on the dtype: DLAM_TOL, or DLAM_TOL_TF32 when tf32 rounds G's inputs."""
     g = dy.double().t() @ x.double()
     bound = g.norm(dim=1) * a.double().norm(dim=1)
     bound = bound if per_channel else bound.sum().view(1)
@@ -128,11 +131,12 @@ def check(outs, x, w, a, s, b, dy, tol, need=(True, True, True, True), tf32=Fals
                                    ("dλ", ds, ds64, need[2]), ("db", db, db64, need[3])):
         if not wanted:
             continue
-        if name == "dλ" and tf32:
+        if name == "dλ":
             err = dlam_err(got, ref, x, a, dy, s.numel() > 1)
+            assert err < (DLAM_TOL_TF32 if tf32 else DLAM_TOL), (name, err)
         else:
             err = rel_err(got, ref)
-        assert err < tol, (name, err)
+            assert err < tol, (name, err)
 
 
 # (M, K, N): M = 1, the GEMV/tile boundary 64/65, K and N not multiples of the 64x64x32 tile; odd
