@@ -4,10 +4,12 @@
 // m2pt_kernels/ops/cross_modal_linear.py; the kernels cite it, they don't re-derive it).
 //
 // Kernels
-//   gemm_kernel<T, MATH, EPI>   64x64x32 tiles, 128 threads (4 warps of 32x32), register-staged
-//                               double buffering (the next tile's global loads are in flight while
-//                               the current tile is multiplied from shared memory; one barrier per
-//                               step). The merge W + λW' happens in fp32 while the B tile is loaded
+//   gemm_kernel<T, MATH, EPI>   64x64x32 tiles, 128 threads (4 warps of 32x32), double buffering
+//                               (the next tile's global loads are in flight while the current tile
+//                               is multiplied from shared memory; one barrier per step): weights
+//                               staged in registers (16-byte loads when aligned), activations by
+//                               cp.async when 16-byte aligned along k (forward, dgrad), else staged.
+//                               The merge W + λW' happens in fp32 while the weight tile is loaded
 //                               and is rounded once to the input dtype in shared memory: the merged
 //                               weight is never written to global memory.
 //                               MATH: WMMA bf16/fp16 -> fp32 (sm_80+), WMMA tf32 -> fp32, or FFMA.
@@ -250,6 +252,48 @@ __device__ __forceinline__ void store_tile_vec(const float (&in)[kPerThread], bo
   }
 }
 
+// ---- cp.async (sm_80+) for the activation operand ----------------------------------------------------
+// On the host side of the build (and in the CPU emulator) these are a plain synchronous copy / no-op.
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem_src) : "memory");
+#else
+  *reinterpret_cast<uint4*>(smem_dst) = *reinterpret_cast<const uint4*>(gmem_src);
+#endif
+}
+
+// Waits for all of this thread's cp.async copies; a __syncthreads() must follow before other threads
+// read them.
+__device__ __forceinline__ void cp_async_wait_all() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_all;\n" ::: "memory");
+#endif
+}
+
+// The ROWS x COLS tile at (row0, col0) of a row-major operand (columns contiguous) copied straight
+// into shared memory, 16 bytes per cp.async, zeros outside the operand. Same preconditions as
+// load_tile_vec with fast_col; each destination is 16-byte aligned (LD * sizeof(T) % 16 == 0).
+template <typename T, int ROWS, int COLS, int LD>
+__device__ __forceinline__ void async_tile_rows(T* smem_tile, const T* __restrict__ base, int64_t row_stride,
+                                                int64_t row0, int64_t col0, int64_t rows, int64_t cols) {
+  constexpr int V = int(16 / sizeof(T));
+  static_assert((LD * sizeof(T)) % 16 == 0, "cp.async destinations must be 16-byte aligned");
+#pragma unroll
+  for (int u = 0; u < kPerThread / V; ++u) {
+    int r, c;
+    vec_coords<ROWS, COLS, V>(u, true, r, c);
+    const int64_t gr = row0 + r, gc = col0 + c;
+    T* dst = smem_tile + r * LD + c;
+    if (gr < rows && gc < cols) {
+      cp_async_16(dst, base + gr * row_stride + gc);
+    } else {
+#pragma unroll
+      for (int v = 0; v < V; ++v) dst[v] = from_f<T>(0.0f);
+    }
+  }
+}
+
 // ---- the tiled GEMM with fused merge and epilogues (see GemmArgs) ---------------------------------
 template <typename T, int MATH, int EPI>
 __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
@@ -283,8 +327,14 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
 
   float ra[kPerThread], rb[kPerThread];
 
-  auto load_tile = [&](int64_t k0) {
-    if (p.a_vec) {
+  // forward / dgrad: x or dy rows stream into shared memory by cp.async when they are 16-byte
+  // loadable along k; the weight tile always goes through registers (the merge happens there).
+  const bool a_async = EPI != kEpiWgrad && p.a_vec && p.a_fast_col;
+
+  auto load_tile = [&](int64_t k0, int buf) {
+    if (a_async) {
+      async_tile_rows<T, BM, BK, LDA>(stage0 + buf * STAGE, A, p.sa_i, m0, k0, p.Mg, p.Kg);
+    } else if (p.a_vec) {
       load_tile_vec<T, BM, BK>(ra, p.a_fast_col, A, nullptr, p.a_fast_col ? p.sa_i : p.sa_k, m0, k0, p.Mg, p.Kg,
                                nullptr, 0, 0);
     } else {
@@ -320,7 +370,9 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
   auto store_tile = [&](int buf) {
     ST* As = stage0 + buf * STAGE;
     ST* Bs = As + A_ELEMS;
-    if (p.a_vec) {
+    if (a_async) {
+      // already on its way to shared memory
+    } else if (p.a_vec) {
       store_tile_vec<ST, BM, BK, LDA>(ra, p.a_fast_col, As);
     } else {
 #pragma unroll
@@ -352,14 +404,15 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
 
   const int64_t num_k = (p.Kg + BK - 1) / BK;
   if (num_k > 0) {
-    load_tile(0);
+    load_tile(0, 0);
     store_tile(0);
   }
+  if (a_async) cp_async_wait_all();
   __syncthreads();
   for (int64_t kt = 0; kt < num_k; ++kt) {
     const int cur = static_cast<int>(kt & 1);
     const bool has_next = kt + 1 < num_k;
-    if (has_next) load_tile((kt + 1) * BK);  // in flight during the math below
+    if (has_next) load_tile((kt + 1) * BK, cur ^ 1);  // in flight during the math below
     const ST* As = stage0 + cur * STAGE;
     const ST* Bs = As + A_ELEMS;
     mma.step(As, LDA, Bs, LDB);
@@ -368,8 +421,10 @@ __global__ void __launch_bounds__(kThreads) gemm_kernel(const GemmArgs p) {
       for (int c = 0; c < BK; ++c) rowsum += to_f(As[tid * LDA + c]);
     }
     // The other buffer was last read in step kt-1, which every thread finished before the barrier
-    // that ended it, so it can be overwritten now; the barrier below publishes it for step kt+1.
+    // that ended it, so it can be overwritten now (by the cp.async above and the stores here); the
+    // wait + barrier below publish it for step kt+1.
     if (has_next) store_tile(cur ^ 1);
+    if (a_async) cp_async_wait_all();
     __syncthreads();
   }
 
