@@ -170,12 +170,14 @@ def test_model_is_deterministic_and_batch_independent():
 
 @pytest.mark.skipif(importlib.util.find_spec("m2pt_kernels.pathways") is None,
                     reason="m2pt_kernels.pathways not in the tree yet")
-def test_point_cloud_aux_gives_pathways_to_image_target():
+@pytest.mark.parametrize("aux_kind,target_kind", [("point_cloud", "image"), ("audio", "video"), ("video", "point_cloud")])
+def test_aux_of_one_modality_gives_pathways_to_another(aux_kind, target_kind):
     from m2pt_kernels.layers import FusedCrossModalLinear
     from m2pt_kernels.pathways import add_pathways, merge_pathways
 
-    target, aux = _small("image"), _small("point_cloud", num_classes=3)
-    x = torch.randn(2, 3, 16, 12)
+    target, aux = _small(target_kind), _small(aux_kind, num_classes=3)
+    target.eval()  # deterministic forward (no dropout anyway); λ=0 must reproduce the plain model
+    x = INPUTS[target_kind][0](2)
     with torch.no_grad():
         before = target(x)
     returned = add_pathways(target, aux)
@@ -199,5 +201,5 @@ def test_point_cloud_aux_gives_pathways_to_image_target():
     assert not any(isinstance(m, FusedCrossModalLinear) for m in target.modules())
     with torch.no_grad():
         assert torch.allclose(target(x), with_pathways, atol=1e-5)
-    plain = _small("image")
+    plain = _small(target_kind)
     plain.load_state_dict(target.state_dict(), strict=True)
