@@ -369,6 +369,23 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 # ---------------------------------------------------------------- main
 
 def run(args: argparse.Namespace) -> dict:
+    """The whole demo; torch's global settings (threads, deterministic mode, TF32 flags) are set for
+    the run and restored afterwards, so calling it in-process leaves the caller's torch as it was."""
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    try:
+        return _run(args)
+    finally:
+        threads, det, warn_only, bench, tf32_mm, tf32_cudnn = saved
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.benchmark = bench
+        torch.backends.cuda.matmul.allow_tf32 = tf32_mm
+        torch.backends.cudnn.allow_tf32 = tf32_cudnn
+
+
+def _run(args: argparse.Namespace) -> dict:
     from .pathways import PathwayConfig, add_pathways, merge_pathways, save_checkpoint
 
     t_start = time.perf_counter()

@@ -268,3 +268,13 @@ def test_demo_without_tqdm_and_matplotlib(monkeypatch, tmp_path, capsys):
     rep = json.loads((tmp_path / "report.json").read_text())
     assert "png" not in rep and not (tmp_path / "training_curves.png").exists()
     assert rep["target"]["summary"]["m2pt"]["test_accs"]
+
+
+def test_demo_restores_torch_global_settings(tmp_path, capsys):
+    if not HAS_DEMO_DEPS:
+        pytest.skip("m2pt demo needs scikit-learn, matplotlib and safetensors")
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled())
+    rc, _, _ = _run(capsys, "demo", "--out", str(tmp_path), "--aux-steps", "1", "--steps", "2", "--seeds", "1",
+                    "--eval-every", "2", "--timing-repeats", "1", "--threads", "1", "--no-progress")
+    assert rc == 0
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
