@@ -82,8 +82,9 @@ def test_skip_and_force_contradict(setup_module_):
         setup_module_.decide_cuda_build({"M2PT_SKIP_CUDA_BUILD": "1", "M2PT_FORCE_CUDA_BUILD": "1"}, **GOOD)
 
 
-def test_probe_on_this_machine_ignores_gpu_visibility(setup_module_):
+def test_probe_on_this_machine_ignores_gpu_visibility(setup_module_, monkeypatch):
     """Whatever this machine has, the decision never depends on torch.cuda.is_available()."""
+    monkeypatch.delenv("CUDA_HOME", raising=False)  # probe_toolchain sets it; restored after the test
     found = setup_module_.probe_toolchain()
     build, _ = setup_module_.decide_cuda_build({}, *found)
     torch_ok, torch_cuda, cuda_home, nvcc = found
