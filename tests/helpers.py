@@ -28,3 +28,41 @@ def reference64(x, weight, aux_weight, scale, bias, dy):
     y = torch.nn.functional.linear(x64, merged, b64)
     y.backward(dy.detach().double().cpu())
     return y.detach(), [t.grad if t is not None else None for t in leaves]
+
+
+def make_inputs(lead, k, n, dtype, *, device, bias=True, per_channel=False, aux_trainable=True,
+                weight_trainable=True, non_contiguous=False, strided_weight=False):
+    """Fresh random (x, W, W', λ, b) with the requested grads; never zeros.
+
+    ``non_contiguous``: x[..., K] is a strided view of a larger, transposed buffer.
+    ``strided_weight``: W and W' are transposed views (column-major [N, K]).
+    """
+    if non_contiguous:
+        x = torch.randn(k + 3, *lead, device=device, dtype=dtype)[:k].movedim(0, -1)
+        assert not x.is_contiguous()
+    else:
+        x = torch.randn(*lead, k, device=device, dtype=dtype)
+    if strided_weight:
+        w = (torch.randn(k, n, device=device) / k ** 0.5).to(dtype).t()
+        a = (torch.randn(k, n, device=device) / k ** 0.5).to(dtype).t()
+    else:
+        w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+        a = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=device, dtype=torch.float32)
+    b = torch.randn(n, device=device, dtype=dtype) if bias else None
+    x.requires_grad_(True)
+    w.requires_grad_(weight_trainable)
+    a.requires_grad_(aux_trainable)
+    s.requires_grad_(True)
+    if b is not None:
+        b.requires_grad_(True)
+    return x, w, a, s, b
+
+
+def run_backend(backend, inputs, dy):
+    """y and the grads of every input (None where not requested) through one backend."""
+    from m2pt_kernels import cross_modal_linear, use_backend
+    with use_backend(backend):
+        y = cross_modal_linear(*inputs)
+    y.backward(dy)
+    return y, [t.grad if t is not None else None for t in inputs]

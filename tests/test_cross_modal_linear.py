@@ -1,4 +1,5 @@
 """m2pt::cross_modal_linear: every backend against the float64 reference, the op contract, errors."""
+import functools
 import os
 
 import pytest
@@ -9,7 +10,7 @@ from m2pt_kernels import cross_modal_linear, use_backend
 from m2pt_kernels import _dispatch
 
 from conftest import device_for_tests, fused_backends
-from helpers import rel_err, reference64, tolerance
+from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
 
 DEVICE = device_for_tests()
 BACKENDS = ["reference"] + fused_backends()
@@ -18,31 +19,7 @@ BACKENDS = ["reference"] + fused_backends()
 SHAPES = [((1,), 8, 8), ((7,), 33, 17), ((2, 37), 40, 65), ((131,), 24, 20)]
 
 
-def make_inputs(lead, k, n, dtype, *, bias=True, per_channel=False, aux_trainable=True,
-                weight_trainable=True, non_contiguous=False, device=DEVICE):
-    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
-        x = torch.randn(k + 3, *lead, device=device, dtype=dtype)[:k].movedim(0, -1)
-        assert not x.is_contiguous()
-    else:
-        x = torch.randn(*lead, k, device=device, dtype=dtype)
-    w = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
-    a = (torch.randn(n, k, device=device) / k ** 0.5).to(dtype)
-    s = torch.randn(n if per_channel else 1, device=device, dtype=torch.float32)
-    b = torch.randn(n, device=device, dtype=dtype) if bias else None
-    x.requires_grad_(True)
-    w.requires_grad_(weight_trainable)
-    a.requires_grad_(aux_trainable)
-    s.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    return x, w, a, s, b
-
-
-def run_backend(backend, inputs, dy):
-    with use_backend(backend):
-        y = cross_modal_linear(*inputs)
-    y.backward(dy)
-    return y, [t.grad if t is not None else None for t in inputs]
+make_inputs = functools.partial(make_inputs, device=DEVICE)
 
 
 def check_against_reference(backend, inputs, dtype):

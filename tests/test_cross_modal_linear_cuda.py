@@ -6,12 +6,14 @@ the tiled path above), odd and ViT-sized K / N, bf16 / fp16 / fp32 ("highest" = 
 bias or none, λ of shape [1] or [N], every gradient, linear probing (only λ and x need gradients),
 batched and non-contiguous x, and determinism of dλ.
 """
+import functools
+
 import pytest
 import torch
 
-from m2pt_kernels import available_backends, cross_modal_linear, use_backend
+from m2pt_kernels import available_backends
 
-from helpers import rel_err, reference64, tolerance
+from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,30 +38,8 @@ def matmul_precision(request):
     torch.set_float32_matmul_precision(old)
 
 
-def make_inputs(lead, k, n, dtype, *, bias, per_channel, weight_trainable=True, aux_trainable=True,
-                non_contiguous=False):
-    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
-        x = torch.randn(k + 3, *lead, device=DEVICE, dtype=dtype)[:k].movedim(0, -1)
-    else:
-        x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
-    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-    a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-    s = torch.randn(n if per_channel else 1, device=DEVICE, dtype=torch.float32)
-    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
-    x.requires_grad_(True)
-    w.requires_grad_(weight_trainable)
-    a.requires_grad_(aux_trainable)
-    s.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    return x, w, a, s, b
-
-
-def run_cuda(inputs, dy):
-    with use_backend("cuda"):
-        y = cross_modal_linear(*inputs)
-    y.backward(dy)
-    return y, [t.grad if t is not None else None for t in inputs]
+make_inputs = functools.partial(make_inputs, device=DEVICE)
+run_cuda = functools.partial(run_backend, "cuda")
 
 
 def dlam_err(got, ref, x, a, dy, per_channel):

@@ -4,16 +4,17 @@ the float64 reference, split-M, empty / degenerate inputs, determinism, and what
 Runs on the CPU under TRITON_INTERPRET=1 (conftest) or on a GPU; configs are forced with
 ``config_override`` so the small test shapes still span several tiles.
 """
+import functools
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from m2pt_kernels import cross_modal_linear, use_backend
 from m2pt_kernels.ops import cross_modal_linear_reference as reference_backend
 
 from conftest import device_for_tests, fused_backends
-from helpers import rel_err, reference64, tolerance
+from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
 
 pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="triton backend not available")
 
@@ -48,34 +49,8 @@ CASES = [
 ]
 
 
-def make_inputs(lead, k, n, dtype, *, bias=True, per_channel=False, aux_trainable=True,
-                weight_trainable=True, non_contiguous=False, strided_weight=False):
-    if non_contiguous:  # x[..., K] as a strided view of a larger, transposed buffer
-        x = torch.randn(k + 3, *lead, device=DEVICE, dtype=dtype)[:k].movedim(0, -1)
-    else:
-        x = torch.randn(*lead, k, device=DEVICE, dtype=dtype)
-    if strided_weight:  # W, W' as transposed views (column-major [N, K])
-        w = (torch.randn(k, n, device=DEVICE) / k ** 0.5).to(dtype).t()
-        a = (torch.randn(k, n, device=DEVICE) / k ** 0.5).to(dtype).t()
-    else:
-        w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-        a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
-    s = torch.randn(n if per_channel else 1, device=DEVICE, dtype=torch.float32)
-    b = torch.randn(n, device=DEVICE, dtype=dtype) if bias else None
-    x.requires_grad_(True)
-    w.requires_grad_(weight_trainable)
-    a.requires_grad_(aux_trainable)
-    s.requires_grad_(True)
-    if b is not None:
-        b.requires_grad_(True)
-    return x, w, a, s, b
-
-
-def run_triton(inputs, dy):
-    with use_backend("triton"):
-        y = cross_modal_linear(*inputs)
-    y.backward(dy)
-    return y, [t.grad if t is not None else None for t in inputs]
+make_inputs = functools.partial(make_inputs, device=DEVICE)
+run_triton = functools.partial(run_backend, "triton")
 
 
 def check_against_reference(inputs, dtype):
