@@ -164,21 +164,9 @@ def _lr_at(step: int, total: int, warmup: int) -> float:
 
 
 def _optimizer(model: nn.Module, lr: float, scale_lr_mult: float) -> torch.optim.Optimizer:
-    decay, no_decay, scales = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("cross_modal_scale"):
-            scales.append(p)
-        elif p.dim() >= 2 and "pos_embed" not in name and "cls_token" not in name:
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [dict(params=decay, weight_decay=0.05, lr=lr, base_lr=lr),
-              dict(params=no_decay, weight_decay=0.0, lr=lr, base_lr=lr)]
-    if scales:
-        groups.append(dict(params=scales, weight_decay=0.0, lr=lr * scale_lr_mult, base_lr=lr * scale_lr_mult))
-    return torch.optim.AdamW(groups, betas=(0.9, 0.999))
+    from .pathways import param_groups
+    return torch.optim.AdamW(param_groups(model, lr, weight_decay=0.05, scale_lr_mult=scale_lr_mult),
+                             betas=(0.9, 0.999))
 
 
 @torch.no_grad()

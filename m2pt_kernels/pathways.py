@@ -43,6 +43,7 @@ __all__ = [
     "add_pathways",
     "merge_pathways",
     "mark_only_scales_trainable",
+    "param_groups",
     "reparameterize_aux_into_target_model",
     "load_checkpoint",
     "save_checkpoint",
@@ -568,6 +569,39 @@ def mark_only_scales_trainable(model: nn.Module, modules_to_save: Union[str, Seq
             for p in m.parameters():
                 p.requires_grad_(True)
     return model
+
+
+_NO_DECAY_NAMES = ("pos_embed", "cls_token")
+
+
+def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.05,
+                 scale_lr_mult: float = 1.0) -> List[dict]:
+    """Optimizer parameter groups for training with pathways (trainable parameters only).
+
+    - matrices (2-D and up) decay with ``weight_decay``, except position embeddings and class tokens
+      (names containing ``pos_embed`` / ``cls_token``);
+    - biases, norms and the rest: no decay;
+    - every pathway's λ (``cross_modal_scale``): no decay, learning rate ``lr * scale_lr_mult``
+      (one scalar per layer, starting at 0, usually wants a larger step than the weights).
+    Each group also carries ``base_lr`` for schedulers that scale it; empty groups are left out.
+    """
+    decay, no_decay, scales = [], [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("cross_modal_scale"):
+            scales.append(p)
+        elif p.dim() >= 2 and not any(key in name for key in _NO_DECAY_NAMES):
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    groups = [dict(params=decay, weight_decay=weight_decay, lr=lr),
+              dict(params=no_decay, weight_decay=0.0, lr=lr),
+              dict(params=scales, weight_decay=0.0, lr=lr * scale_lr_mult)]
+    groups = [g for g in groups if g["params"]]
+    for g in groups:
+        g["base_lr"] = g["lr"]
+    return groups
 
 
 def reparameterize_aux_into_target_model(

@@ -161,21 +161,8 @@ def aux_source(args, model):
 
 
 def optimizer(model, args):
-    decay, no_decay, scales = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if name.endswith("cross_modal_scale"):
-            scales.append(p)
-        elif p.dim() >= 2 and not name.endswith(("pos_embed", "cls_token")):
-            decay.append(p)
-        else:
-            no_decay.append(p)
-    groups = [g for g in (dict(params=decay, weight_decay=args.weight_decay, lr=args.lr),
-                          dict(params=no_decay, weight_decay=0.0, lr=args.lr),
-                          dict(params=scales, weight_decay=0.0, lr=args.lr * args.scale_lr_mult)) if g["params"]]
-    for g in groups:
-        g["base_lr"] = g["lr"]
+    from m2pt_kernels.pathways import param_groups
+    groups = param_groups(model, args.lr, weight_decay=args.weight_decay, scale_lr_mult=args.scale_lr_mult)
     return torch.optim.AdamW(groups)
 
 

@@ -551,3 +551,25 @@ def test_exports():
     for name in ("FusedCrossModalLinear", "PathwayConfig", "add_pathways", "merge_pathways",
                  "mark_only_scales_trainable", "reparameterize_aux_into_target_model"):
         assert name in m2pt_kernels.__all__ and hasattr(m2pt_kernels, name)
+
+
+def test_param_groups_split_decay_no_decay_and_scales():
+    from m2pt_kernels.pathways import param_groups
+    from m2pt_kernels import add_pathways
+    from m2pt_kernels.models import vit_for_images
+
+    model = vit_for_images(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=3)
+    aux = vit_for_images(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=2, num_heads=2, num_classes=5)
+    add_pathways(model, aux)
+    model.head.bias.requires_grad_(False)
+    groups = param_groups(model, 1e-3, weight_decay=0.1, scale_lr_mult=10.0)
+    by_id = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert len(by_id) == sum(p.requires_grad for p in model.parameters()), "every trainable parameter once"
+    assert id(named["head.bias"]) not in by_id
+    scale = by_id[id(named["blocks.0.attn.qkv.cross_modal_scale"])]
+    assert scale["lr"] == scale["base_lr"] == 1e-2 and scale["weight_decay"] == 0.0
+    assert by_id[id(named["blocks.1.mlp.fc1.weight"])]["weight_decay"] == 0.1
+    assert by_id[id(named["tokenizer.pos_embed"])]["weight_decay"] == 0.0
+    assert by_id[id(named["blocks.0.norm1.weight"])]["weight_decay"] == 0.0
+    assert all(g["params"] for g in groups)
