@@ -71,4 +71,12 @@ else:
     assert not ok and "built" in why and "no CUDA device" in why, why
 print(f"cuda_wheel: OK: {name} installs into a fresh venv and imports; extension {os.path.basename(spec.origin)}")
 PYEOF
+# The binding checks (argument errors raised in C++ before any launch) need the built extension,
+# which the README's editable install does not have: run them here, against the installed wheel.
+"$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider -rs --rootdir "$tmp" "$ROOT/tests/test_build.py" \
+  > "$tmp/bindings.log" 2>&1 || { tail -n 60 "$tmp/bindings.log"; echo "cuda_wheel: binding tests FAILED" >&2; exit 1; }
+if grep -q "extension not built here" "$tmp/bindings.log"; then
+  tail -n 20 "$tmp/bindings.log"; echo "cuda_wheel: binding tests were skipped: the wheel's extension did not load" >&2; exit 1
+fi
+echo "cuda_wheel: $(tail -n 1 "$tmp/bindings.log") (tests/test_build.py against the wheel)"
 echo "cuda_wheel: total $(( $(date +%s) - start )) s"
