@@ -124,7 +124,9 @@ def _impl(backend: str):
 def _unflatten(t2, lead):
     # Not a view: outputs of a custom Function that are views can't be modified in place
     # (``y.add_(r)``, ``ReLU(inplace=True)``), and FSDP2 warns about modules returning views.
-    return torch.ops.aten._unsafe_view(t2, (*lead, t2.shape[-1]))
+    if t2.dim() == len(lead) + 1:  # 2-D input: already the right shape
+        return t2
+    return torch.ops.aten._unsafe_view.default(t2, (*lead, t2.shape[-1]))
 
 
 # The three computations on any leading dims; shared by the registered ops and the eager path.

@@ -17,11 +17,15 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def merged_weight(weight: Tensor, aux_weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """W + λ·W' computed in fp32 (fp64 for fp64 inputs) and cast once to ``dtype``."""
     cd = _compute_dtype(weight.dtype)
-    lam = scale.to(cd).view(-1, 1)
-    return torch.addcmul(weight.to(cd), aux_weight.to(cd), lam).to(dtype)
+    merged = torch.addcmul(_as(weight, cd), _as(aux_weight, cd), _as(scale, cd).view(-1, 1))
+    return _as(merged, dtype)
 
 
 def forward(x2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
@@ -36,17 +40,24 @@ def wgrad(
     dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
 ):
+    # Few, fused ops: on the CPU this path must be no slower than the paper's autograd.
     dw = daux = dscale = db = None
     if need_weight or need_aux or need_scale:
         g = dy2.t() @ x2  # G = dyᵀx, [N, K]
         cd = _compute_dtype(g.dtype)
+        gc = _as(g, cd)
         if need_weight:
-            dw = g.to(aux_weight.dtype)
+            dw = _as(g, aux_weight.dtype)
         if need_aux:
-            daux = (g.to(cd) * scale.to(cd).view(-1, 1)).to(aux_weight.dtype)
+            daux = _as(gc * _as(scale, cd).view(-1, 1), aux_weight.dtype)
         if need_scale:
-            per_channel = (g.to(cd) * aux_weight.to(cd)).sum(dim=1)
-            dscale = (per_channel if scale.numel() > 1 else per_channel.sum().view(1)).to(scale.dtype)
+            ac = _as(aux_weight, cd)
+            if scale.numel() == 1:  # one λ: Σ_{n,k} G ⊙ W' as a single dot product
+                dscale = torch.dot(gc.reshape(-1), ac.reshape(-1)).view(1)
+            else:
+                dscale = (gc * ac).sum(dim=1)
+            dscale = _as(dscale, scale.dtype)
     if need_bias:
-        db = dy2.sum(dim=0, dtype=_compute_dtype(dy2.dtype)).to(dy2.dtype)
+        cd = _compute_dtype(dy2.dtype)
+        db = dy2.sum(dim=0) if dy2.dtype == cd else dy2.sum(dim=0, dtype=cd).to(dy2.dtype)
     return dw, daux, dscale, db
