@@ -316,6 +316,8 @@ def test_autotuned_launch_path(monkeypatch):
 # ------------------------------------------------------------------ GPU compilation, without a GPU
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the GPU tests compile the kernels for real; "
+                    "this ahead-of-time check uses triton's internal compile API, which changes between versions")
 def test_kernels_compile_for_hopper_and_ampere():
     """The interpreter never runs triton's compiler: compile both kernels (both orientations, the
     λ-only variant, bf16 / fp32 TF32 / fp32 IEEE) for sm_90 and sm_80 ahead of time, in a
