@@ -5,7 +5,7 @@
 #
 # 1. env:   nvidia-smi, versions                                  -> $OUT/env.txt
 # 2. build: the CUDA extension in place (continues without it)    -> $OUT/build.log
-# 3. tests: `pytest -m gpu tests`, then the suite minus `slow`    -> $OUT/tests.log
+# 3. tests: `pytest -m gpu tests`, then the rest minus `slow`     -> $OUT/tests.log (pytest-xdist -n 8 when present)
 # 4. bench: benchmarks/run.py --mode full --budget-s ...          -> $OUT/results.json, $OUT/bench.log
 # 5. report: targets met/missed, plot, the short table LAST       -> $OUT/plot.png, $OUT/summary.txt
 #
@@ -19,7 +19,8 @@
 #
 # Knobs: PYTHON (default python3), M2PT_COMMIT (recorded in the results; the device copy has no .git),
 # M2PT_GPU_CHECK_TOTAL_S (default 470), M2PT_GPU_CHECK_BENCH_ARGS (extra args for run.py),
-# M2PT_GPU_CHECK_SKIP_BUILD=1, M2PT_GPU_CHECK_SKIP_TESTS=1, MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0a).
+# M2PT_GPU_CHECK_SKIP_BUILD=1, M2PT_GPU_CHECK_SKIP_TESTS=1, M2PT_GPU_CHECK_TEST_WORKERS (8),
+# MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0a).
 set -u
 cd "$(dirname "$0")/.."
 
@@ -105,15 +106,23 @@ if [ "${M2PT_GPU_CHECK_SKIP_TESTS:-0}" != "0" ]; then
   note "tests: skipped (M2PT_GPU_CHECK_SKIP_TESTS)"
 else
   : > "$OUT/tests.log"
+  # Compiling the kernels (triton autotune configs, every dtype) is most of the tests' time, one
+  # compile per process at a time: spread it over the machine's cores with pytest-xdist when present.
+  XDIST=""
+  if [ "$DRY" = "0" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
+    XDIST="-n ${M2PT_GPU_CHECK_TEST_WORKERS:-8}"
+  fi
   t=$(until_pct 41)
   echo "=== pytest -m gpu tests (timeout ${t}s)" >> "$OUT/tests.log"
-  timeout -k 10 "$t" "$PY" -m pytest -q -m gpu tests -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
+  # shellcheck disable=SC2086
+  timeout -k 10 "$t" "$PY" -m pytest -q -m gpu tests $XDIST -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
   rc=$?
   [ "$rc" -eq 5 ] && note "tests -m gpu: no test is marked gpu (rc 5)" || note "tests -m gpu: rc=$rc ($(tail -1 "$OUT/tests.log"))"
   if [ "$DRY" = "0" ]; then  # (dry: the -m gpu run above already collected the whole suite)
     t=$(until_pct 47)
-    echo "=== pytest -m 'not slow' tests (timeout ${t}s)" >> "$OUT/tests.log"
-    timeout -k 10 "$t" "$PY" -m pytest -q -m "not slow" tests -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
+    echo "=== pytest -m 'not slow and not gpu' tests (timeout ${t}s)" >> "$OUT/tests.log"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$t" "$PY" -m pytest -q -m "not slow and not gpu" tests $XDIST -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
     rc=$?
     note "tests suite: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
   fi
