@@ -222,20 +222,14 @@ def build_target(seed: int):
 
 # ---------------------------------------------------------------- training loops
 
-def train_aux(model, steps, args, device, progress) -> dict:
-    g = torch.Generator().manual_seed(args.seed + 1_000_003)
-    test_g = torch.Generator().manual_seed(args.seed + 2_000_003)
-    test_x, test_y = point_cloud_batch(512, POINTS["num_points"], test_g)
-    test_x, test_y = test_x.to(device), test_y.to(device)
-    model.to(device).train()
-    opt = _optimizer(model, args.aux_lr, args.scale_lr_mult)
+def _train_steps(model, opt, next_batch, steps, eval_fn, eval_every, device, bar, clip=None):
+    """The shared loop: warmup-cosine LR, one optimizer step per batch, timed (device-synced), an
+    evaluation every ``eval_every`` steps and at the end. Returns (curve, seconds spent training)."""
     warmup = max(1, steps // 20)
     curve = {"step": [], "train_loss": [], "test_acc_step": [], "test_acc": []}
-    eval_every = max(1, steps // 10)
-    bar = progress(steps, "auxiliary (point clouds)")
     t_train = 0.0
     for step in range(steps):
-        x, y = point_cloud_batch(32, POINTS["num_points"], g)
+        x, y = next_batch()
         x, y = x.to(device), y.to(device)
         for grp in opt.param_groups:
             grp["lr"] = grp["base_lr"] * _lr_at(step, steps, warmup)
@@ -244,18 +238,33 @@ def train_aux(model, steps, args, device, progress) -> dict:
         loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
         _sync(device)
         t_train += time.perf_counter() - t0
         curve["step"].append(step + 1)
         curve["train_loss"].append(float(loss.detach()))
         if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = _accuracy(model, test_x, test_y)
+            acc = eval_fn()
             curve["test_acc_step"].append(step + 1)
             curve["test_acc"].append(acc)
             bar.set_postfix_str(f"loss {float(loss.detach()):.3f} test acc {acc:.3f}")
         bar.update(1)
+    return curve, t_train
+
+
+def train_aux(model, steps, args, device, progress) -> dict:
+    g = torch.Generator().manual_seed(args.seed + 1_000_003)
+    test_g = torch.Generator().manual_seed(args.seed + 2_000_003)
+    test_x, test_y = point_cloud_batch(512, POINTS["num_points"], test_g)
+    test_x, test_y = test_x.to(device), test_y.to(device)
+    model.to(device).train()
+    opt = _optimizer(model, args.aux_lr, args.scale_lr_mult)
+    bar = progress(steps, "auxiliary (point clouds)")
+    curve, t_train = _train_steps(
+        model, opt, lambda: point_cloud_batch(32, POINTS["num_points"], g), steps,
+        lambda: _accuracy(model, test_x, test_y), max(1, steps // 10), device, bar, clip=1.0)
     bar.close()
     chance = 1.0 / len(SHAPES)
     return {"test_acc": curve["test_acc"][-1] if curve["test_acc"] else _accuracy(model, test_x, test_y),
@@ -267,35 +276,18 @@ def train_target(model, data, steps, eval_every, seed, args, device, bar) -> dic
     x_tr, y_tr, x_te, y_te = data
     model.to(device).train()
     opt = _optimizer(model, args.lr, args.scale_lr_mult)
-    warmup = max(1, steps // 20)
     g = torch.Generator().manual_seed(seed + 17)  # same data order for every variant of a seed
-    perm, pos = torch.randperm(len(x_tr), generator=g), 0
-    curve = {"step": [], "train_loss": [], "test_acc_step": [], "test_acc": []}
-    t_train = 0.0
-    for step in range(steps):
-        if pos + args.batch_size > len(perm):
-            perm, pos = torch.randperm(len(x_tr), generator=g), 0
-        idx = perm[pos:pos + args.batch_size]
-        pos += args.batch_size
-        x, y = x_tr[idx].to(device), y_tr[idx].to(device)
-        for grp in opt.param_groups:
-            grp["lr"] = grp["base_lr"] * _lr_at(step, steps, warmup)
-        _sync(device)
-        t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y, label_smoothing=0.1)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(device)
-        t_train += time.perf_counter() - t0
-        curve["step"].append(step + 1)
-        curve["train_loss"].append(float(loss.detach()))
-        if (step + 1) % eval_every == 0 or step + 1 == steps:
-            acc = _accuracy(model, x_te, y_te)
-            curve["test_acc_step"].append(step + 1)
-            curve["test_acc"].append(acc)
-            bar.set_postfix_str(f"loss {float(loss.detach()):.3f} test acc {acc:.3f}")
-        bar.update(1)
+    order = {"perm": torch.randperm(len(x_tr), generator=g), "pos": 0}
+
+    def next_batch():
+        if order["pos"] + args.batch_size > len(order["perm"]):
+            order["perm"], order["pos"] = torch.randperm(len(x_tr), generator=g), 0
+        idx = order["perm"][order["pos"]:order["pos"] + args.batch_size]
+        order["pos"] += args.batch_size
+        return x_tr[idx], y_tr[idx]
+
+    curve, t_train = _train_steps(model, opt, next_batch, steps, lambda: _accuracy(model, x_te, y_te),
+                                  eval_every, device, bar)
     return {"test_acc": curve["test_acc"][-1], "time_per_step_s": t_train / max(1, steps),
             "scales": _scales(model), "curve": curve}
 
