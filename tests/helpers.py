@@ -66,3 +66,26 @@ def run_backend(backend, inputs, dy):
         y = cross_modal_linear(*inputs)
     y.backward(dy)
     return y, [t.grad if t is not None else None for t in inputs]
+
+
+GRAD_NAMES = ("dx", "dW", "dW'", "dλ", "db")
+
+
+def check_against_reference(backend, inputs, dtype, *, device):
+    """y and every requested gradient within the dtype's tolerance of the float64 reference;
+    gradients not requested must not be written."""
+    dy = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=device, dtype=dtype)
+    y, grads = run_backend(backend, inputs, dy)
+    y_ref, grads_ref = reference64(*inputs, dy)
+    tol = tolerance(dtype, device)
+    assert y.dtype == dtype and y.shape == y_ref.shape
+    assert rel_err(y, y_ref) < tol, "y"
+    for name, t, g, g_ref in zip(GRAD_NAMES, inputs, grads, grads_ref):
+        if t is None:
+            continue
+        if not t.requires_grad:
+            assert g is None, f"{name} was written though not requested"
+            continue
+        assert g is not None, f"{name} missing"
+        assert g.dtype == t.dtype and g.shape == t.shape, name
+        assert rel_err(g, g_ref) < tol, (name, rel_err(g, g_ref))

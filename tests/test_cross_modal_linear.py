@@ -10,7 +10,7 @@ from m2pt_kernels import cross_modal_linear, use_backend
 from m2pt_kernels import _dispatch
 
 from conftest import device_for_tests, fused_backends
-from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
+from helpers import check_against_reference, make_inputs, rel_err
 
 DEVICE = device_for_tests()
 BACKENDS = ["reference"] + fused_backends()
@@ -22,23 +22,7 @@ SHAPES = [((1,), 8, 8), ((7,), 33, 17), ((2, 37), 40, 65), ((131,), 24, 20)]
 make_inputs = functools.partial(make_inputs, device=DEVICE)
 
 
-def check_against_reference(backend, inputs, dtype):
-    dy = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=DEVICE, dtype=dtype)
-    y, grads = run_backend(backend, inputs, dy)
-    y_ref, grads_ref = reference64(*inputs, dy)
-    tol = tolerance(dtype, DEVICE)
-    assert y.dtype == dtype
-    assert rel_err(y, y_ref) < tol, "y"
-    names = ("dx", "dW", "dW'", "dλ", "db")
-    for name, t, g, g_ref in zip(names, inputs, grads, grads_ref):
-        if t is None:
-            continue
-        if not t.requires_grad:
-            assert g is None, f"{name} was written though not requested"
-            continue
-        assert g is not None, f"{name} missing"
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert rel_err(g, g_ref) < tol, name
+check_against_reference = functools.partial(check_against_reference, device=DEVICE)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from m2pt_kernels.ops import cross_modal_linear_reference as reference_backend
 
 from conftest import device_for_tests, fused_backends
-from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
+from helpers import check_against_reference, make_inputs, rel_err, run_backend
 
 pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="triton backend not available")
 
@@ -53,22 +53,7 @@ make_inputs = functools.partial(make_inputs, device=DEVICE)
 run_triton = functools.partial(run_backend, "triton")
 
 
-def check_against_reference(inputs, dtype):
-    dy = torch.randn(*inputs[0].shape[:-1], inputs[1].shape[0], device=DEVICE, dtype=dtype)
-    y, grads = run_triton(inputs, dy)
-    y_ref, grads_ref = reference64(*inputs, dy)
-    tol = tolerance(dtype, DEVICE)
-    assert y.dtype == dtype and y.shape == y_ref.shape
-    assert rel_err(y, y_ref) < tol, "y"
-    for name, t, g, g_ref in zip(("dx", "dW", "dW'", "dλ", "db"), inputs, grads, grads_ref):
-        if t is None:
-            continue
-        if not t.requires_grad:
-            assert g is None, f"{name} was written though not requested"
-            continue
-        assert g is not None, f"{name} missing"
-        assert g.dtype == t.dtype and g.shape == t.shape, name
-        assert rel_err(g, g_ref) < tol, (name, rel_err(g, g_ref))
+check_against_reference = functools.partial(check_against_reference, "triton", device=DEVICE)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
