@@ -52,6 +52,24 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
+def _valid_fast(x, weight, aux_weight, scale, bias) -> bool:
+    """The common, valid case in a few attribute reads (this runs on every call); anything else goes
+    through the full checks below, which say what is wrong. Accepts exactly what they accept."""
+    try:
+        return (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(aux_weight, Tensor)
+                and isinstance(scale, Tensor) and weight.dim() == 2 and x.dim() >= 1
+                and aux_weight.shape == weight.shape and x.shape[-1] == weight.shape[1]
+                and scale.dim() == 1 and (scale.shape[0] == 1 or scale.shape[0] == weight.shape[0])
+                and x.dtype == weight.dtype == aux_weight.dtype and weight.is_floating_point()
+                and scale.is_floating_point()
+                and x.device == weight.device == aux_weight.device == scale.device
+                and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1
+                                      and bias.shape[0] == weight.shape[0] and bias.dtype == weight.dtype
+                                      and bias.device == weight.device)))
+    except Exception:
+        return False
+
+
 def check_inputs(
     x: Tensor,
     weight: Tensor,
@@ -62,6 +80,8 @@ def check_inputs(
     where: str = "cross_modal_linear",
 ) -> None:
     """Raise a TypeError / ValueError naming the argument at fault; return None when all is well."""
+    if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias):
+        return
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
                        ("cross_modal_scale", cross_modal_scale)):
         if not isinstance(value, Tensor):
@@ -132,21 +152,21 @@ def _unflatten(t2, lead):
 # The three computations on any leading dims; shared by the registered ops and the eager path.
 def _forward(x, weight, aux_weight, scale, bias, backend):
     k = weight.shape[1]
-    y2 = _impl(backend).forward(x.reshape(-1, k), weight, aux_weight, scale, bias)
+    y2 = _impl(backend).forward(x if x.dim() == 2 else x.reshape(-1, k), weight, aux_weight, scale, bias)
     return _unflatten(y2, x.shape[:-1])
 
 
 def _dgrad(dy, weight, aux_weight, scale, backend):
     n, k = weight.shape
-    dx2 = _impl(backend).dgrad(dy.reshape(-1, n), weight, aux_weight, scale)
+    dx2 = _impl(backend).dgrad(dy if dy.dim() == 2 else dy.reshape(-1, n), weight, aux_weight, scale)
     return _unflatten(dx2, dy.shape[:-1])
 
 
 def _wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, backend):
     n, k = aux_weight.shape
-    return _impl(backend).wgrad(
-        dy.reshape(-1, n), x.reshape(-1, k), aux_weight, scale, need_weight, need_aux, need_scale, need_bias
-    )
+    if dy.dim() != 2:
+        dy, x = dy.reshape(-1, n), x.reshape(-1, k)
+    return _impl(backend).wgrad(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias)
 
 
 @torch.library.custom_op("m2pt::cross_modal_linear", mutates_args=())

@@ -13,8 +13,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+_COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
+                  torch.float32: torch.float32, torch.float64: torch.float64}
+
+
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
+    cd = _COMPUTE_DTYPE.get(dtype)
+    return cd if cd is not None else torch.promote_types(dtype, torch.float32)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
