@@ -60,13 +60,6 @@ def _scale_dtype(requested: torch.dtype) -> torch.dtype:
     return requested
 
 
-def _is_compiling() -> bool:
-    compiler = getattr(torch, "compiler", None)
-    if compiler is not None and hasattr(compiler, "is_compiling"):
-        return compiler.is_compiling()
-    return False
-
-
 # Every optimizer step anywhere in the process bumps this counter, and the merged-weight cache keys on
 # it: torch's fused optimizer kernels (``fused=True``) update parameters without bumping their
 # autograd version counters, so version counters alone would miss those steps.
@@ -251,7 +244,7 @@ class FusedCrossModalLinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: Tensor) -> Tensor:
-        if _is_compiling() or self._needs_param_grad():
+        if torch.compiler.is_compiling() or self._needs_param_grad():
             return cross_modal_linear(x, self.weight, self.aux_weight, self.cross_modal_scale, self.bias)
         # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight.
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
