@@ -23,6 +23,13 @@ def require_timm():
     return timm
 
 
+def parser(doc: str) -> argparse.ArgumentParser:
+    """An argument parser whose description is the script docstring's first paragraph, the rest its epilog."""
+    first, *rest = doc.split("\n\n")
+    return argparse.ArgumentParser(description=first, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                   epilog="\n\n".join(rest))
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default vit_tiny_patch16_224)")

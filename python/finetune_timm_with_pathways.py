@@ -17,7 +17,6 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -27,9 +26,7 @@ import _example_common as common  # noqa: E402
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = common.parser(__doc__)
     common.add_model_args(p)
     common.add_data_args(p)
     common.add_aux_args(p)

@@ -14,10 +14,13 @@ Examples:
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import _example_common as common  # noqa: E402
 
 
 def _timed(model, x, repeats):
@@ -38,9 +41,7 @@ def _timed(model, x, repeats):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    p = common.parser(__doc__)
     p.add_argument("checkpoint", help="training checkpoint with pathways (.pth/.pt/.bin/.safetensors)")
     p.add_argument("output", help="merged checkpoint to write (.safetensors or .pth)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
