@@ -95,11 +95,25 @@ def use_backend(name: str) -> Iterator[str]:
         _override.pop()
 
 
+def _env_backend() -> str | None:
+    """``os.environ.get(ENV_VAR)`` without its cost: that misses with a KeyError raised and caught
+    inside ``os.environ`` on every op call when the variable is unset. ``os.environ`` keeps its
+    encoded copy in ``_data``; read that when it is there (CPython), else ask the mapping."""
+    data = getattr(os.environ, "_data", None)
+    if data is None:
+        return os.environ.get(ENV_VAR)
+    raw = data.get(_ENV_KEY)
+    return None if raw is None else os.environ.decodevalue(raw)
+
+
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
 def requested_backend() -> str:
     """The backend asked for right now: ``use_backend`` > ``$M2PT_BACKEND`` > ``auto``."""
     if _override:
         return _override[-1]
-    env = os.environ.get(ENV_VAR)
+    env = _env_backend()
     if env:
         return _check_name(env.strip().lower(), f"${ENV_VAR}")
     return "auto"
@@ -128,7 +142,7 @@ _usable._dynamo_marked_constant = True  # type: ignore[attr-defined]
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """The concrete backend that will compute the op for input ``x``; errors say why one can't."""
     name = requested_backend() if requested is None else _check_name(requested, "argument")
-    on_cuda = x.device.type == "cuda"
+    on_cuda = x.is_cuda
     if name == "auto":
         if on_cuda:
             for fused in ("triton", "cuda"):

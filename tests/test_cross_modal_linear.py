@@ -233,3 +233,14 @@ def test_output_is_not_a_view_and_can_be_modified_in_place(backend):
     y.relu_()
     y.sum().backward()
     assert x.grad is not None and s.grad is not None
+
+
+def test_reference_double_backward():
+    """The reference backend's backward is made of differentiable torch ops, so higher-order
+    gradients (``create_graph=True``) work; its buffer reuse is off in that mode."""
+    d = dict(dtype=torch.float64)
+    x = torch.randn(3, 2, 4, requires_grad=True, **d)
+    w, a = (torch.randn(5, 4, requires_grad=True, **d) for _ in range(2))
+    s, b = torch.randn(1, requires_grad=True, **d), torch.randn(5, requires_grad=True, **d)
+    with use_backend("reference"):
+        assert torch.autograd.gradgradcheck(cross_modal_linear, (x, w, a, s, b))

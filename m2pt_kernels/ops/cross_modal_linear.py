@@ -33,6 +33,11 @@ Each backend module (see ``m2pt_kernels._dispatch``) provides, on 2-D views::
     dgrad(dy2, weight, aux_weight, scale) -> dx2                            # [M, K]
     wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias)
         -> (dW | None, dW' | None, dλ | None, db | None)                    # dλ in λ's dtype and shape
+
+and may provide both in one call for the eager path (the reference does, to reuse a buffer)::
+
+    backward(dy2, x2, weight, aux_weight, scale, need_x, need_weight, need_aux, need_scale, need_bias)
+        -> (dx2 | None, dW | None, dW' | None, dλ | None, db | None)
 """
 from __future__ import annotations
 
@@ -53,19 +58,22 @@ def _name(dtype: torch.dtype) -> str:
 
 
 def _valid_fast(x, weight, aux_weight, scale, bias) -> bool:
-    """The common, valid case in a few attribute reads (this runs on every call); anything else goes
-    through the full checks below, which say what is wrong. Accepts exactly what they accept."""
+    """The common, valid case in as few attribute reads as possible (this runs on every call);
+    anything else goes through the full checks below, which say what is wrong. Accepts exactly what
+    they accept."""
     try:
+        ws = weight.shape
+        dt = weight.dtype
+        dev = weight.device
         return (isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(aux_weight, Tensor)
-                and isinstance(scale, Tensor) and weight.dim() == 2 and x.dim() >= 1
-                and aux_weight.shape == weight.shape and x.shape[-1] == weight.shape[1]
-                and scale.dim() == 1 and (scale.shape[0] == 1 or scale.shape[0] == weight.shape[0])
-                and x.dtype == weight.dtype == aux_weight.dtype and weight.is_floating_point()
-                and scale.is_floating_point()
-                and x.device == weight.device == aux_weight.device == scale.device
-                and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1
-                                      and bias.shape[0] == weight.shape[0] and bias.dtype == weight.dtype
-                                      and bias.device == weight.device)))
+                and isinstance(scale, Tensor) and len(ws) == 2 and x.dim() >= 1
+                and aux_weight.shape == ws and x.shape[-1] == ws[1]
+                and scale.dim() == 1 and (scale.shape[0] == 1 or scale.shape[0] == ws[0])
+                and x.dtype == dt and aux_weight.dtype == dt and dt.is_floating_point
+                and scale.dtype.is_floating_point
+                and x.device == dev and aux_weight.device == dev and scale.device == dev
+                and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == ws[0]
+                                      and bias.dtype == dt and bias.device == dev)))
     except Exception:
         return False
 
@@ -215,11 +223,6 @@ def _(dy, x, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, ba
     )
 
 
-def _save(ctx, x, weight, aux_weight, scale, backend):
-    ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
-    ctx.backend = backend
-
-
 def _backward(ctx, dy, dgrad, wgrad):
     """The gradients of the module docstring, only those ``needs_input_grad`` asks for."""
     x, weight, aux_weight, scale = ctx.saved_tensors
@@ -238,7 +241,8 @@ def _backward(ctx, dy, dgrad, wgrad):
 
 def _setup_context(ctx, inputs, output):
     x, weight, aux_weight, scale, bias, backend = inputs
-    _save(ctx, x, weight, aux_weight, scale, backend)
+    ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
+    ctx.backend = backend
 
 
 _cross_modal_linear_op.register_autograd(
@@ -252,17 +256,41 @@ class _EagerCrossModalLinear(torch.autograd.Function):
     """The same op and autograd as the registered one, without the custom-op wrapping.
 
     In eager mode ``torch.library``'s dispatch costs several times a small GEMM's runtime per
-    call; this path calls the backend directly. ``torch.compile`` traces the registered op instead.
+    call, and every Python layer between the user and the backend is paid twice per step (on the
+    CPU its cost also evicts the GEMM operands from cache): this path calls the backend module
+    directly and keeps only the reshapes it needs. ``torch.compile`` traces the registered op.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, aux_weight, scale, bias, backend):
-        _save(ctx, x, weight, aux_weight, scale, backend)
-        return _forward(x, weight, aux_weight, scale, bias, backend)
+    def forward(ctx, x, weight, aux_weight, scale, bias, impl):
+        ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
+        ctx.impl = impl
+        if x.dim() == 2:
+            return impl.forward(x, weight, aux_weight, scale, bias)
+        y2 = impl.forward(x.reshape(-1, weight.shape[1]), weight, aux_weight, scale, bias)
+        return _unflatten(y2, x.shape[:-1])
 
     @staticmethod
     def backward(ctx, dy):
-        return _backward(ctx, dy, _dgrad, _wgrad)
+        x, weight, aux_weight, scale = ctx.saved_tensors
+        need_x, need_w, need_aux, need_scale, need_bias, _ = ctx.needs_input_grad
+        impl = ctx.impl
+        dx = dw = daux = dscale = db = None
+        dy2, x2 = (dy, x) if dy.dim() == 2 else (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
+        both = getattr(impl, "backward", None)
+        if both is not None and (need_w or need_aux or need_scale or need_bias):
+            dx, dw, daux, dscale, db = both(dy2, x2, weight, aux_weight, scale,
+                                            need_x, need_w, need_aux, need_scale, need_bias)
+            if dx is not None and dy2 is not dy:
+                dx = _unflatten(dx, dy.shape[:-1])
+            return dx, dw, daux, dscale, db, None
+        if need_x:
+            dx = impl.dgrad(dy2, weight, aux_weight, scale)
+            if dy2 is not dy:
+                dx = _unflatten(dx, dy.shape[:-1])
+        if need_w or need_aux or need_scale or need_bias:
+            dw, daux, dscale, db = impl.wgrad(dy2, x2, aux_weight, scale, need_w, need_aux, need_scale, need_bias)
+        return dx, dw, daux, dscale, db, None
 
 
 def cross_modal_linear(
@@ -279,15 +307,22 @@ def cross_modal_linear(
     (fp32) dtype. Under ``torch.autocast`` x, W, W' and b are cast like ``F.linear`` casts them.
     The backend comes from ``m2pt_kernels.use_backend`` / ``$M2PT_BACKEND`` / ``auto``.
     """
-    device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight, aux_weight = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                                 for t in (x, weight, aux_weight))
-        if isinstance(bias, Tensor) and bias.is_floating_point():
-            bias = bias.to(dtype)
+    compiling = torch.compiler.is_compiling()
+    if compiling or _any_autocast_enabled():
+        device_type = x.device.type if isinstance(x, Tensor) else "cpu"
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            x, weight, aux_weight = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
+                                     for t in (x, weight, aux_weight))
+            if isinstance(bias, Tensor) and bias.is_floating_point():
+                bias = bias.to(dtype)
     check_inputs(x, weight, aux_weight, cross_modal_scale, bias)
     backend = _dispatch.resolve(x)
-    if torch.compiler.is_compiling():
+    if compiling:
         return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
-    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias, backend)
+    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias, _impl(backend))
+
+
+# One C call that says whether autocast is on for any device type (eager only; the per-device check
+# above decides). Torch versions without it always take the per-device check.
+_any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)

@@ -28,7 +28,10 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 def merged_weight(weight: Tensor, aux_weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """W + λ·W' computed in fp32 (fp64 for fp64 inputs) and cast once to ``dtype``."""
-    cd = _compute_dtype(weight.dtype)
+    wd = weight.dtype
+    if wd is dtype and wd is scale.dtype and (wd is torch.float32 or wd is torch.float64):
+        return torch.addcmul(weight, aux_weight, scale.view(-1, 1))  # already the compute dtype
+    cd = _compute_dtype(wd)
     merged = torch.addcmul(_as(weight, cd), _as(aux_weight, cd), _as(scale, cd).view(-1, 1))
     return _as(merged, dtype)
 
@@ -44,11 +47,13 @@ def dgrad(dy2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor) -> Ten
 def wgrad(
     dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
+    out: Optional[Tensor] = None,
 ):
+    """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``)."""
     # Few, fused ops: on the CPU this path must be no slower than the paper's autograd.
     dw = daux = dscale = db = None
     if need_weight or need_aux or need_scale:
-        g = dy2.t() @ x2  # G = dyᵀx, [N, K]
+        g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
         cd = _compute_dtype(g.dtype)
         gc = _as(g, cd)
         if need_weight:
@@ -66,3 +71,19 @@ def wgrad(
         cd = _compute_dtype(dy2.dtype)
         db = dy2.sum(dim=0) if dy2.dtype == cd else dy2.sum(dim=0, dtype=cd).to(dy2.dtype)
     return dw, daux, dscale, db
+
+
+def backward(
+    dy2: Tensor, x2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor,
+    need_x: bool, need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
+):
+    """``dgrad`` and ``wgrad`` in one call, for the eager path: G is written into the merged-weight
+    buffer that dx was computed from (dead by then, fresh, and of G's shape and dtype), so the
+    backward allocates one weight-sized tensor fewer, which on the CPU is measurable at ViT widths."""
+    dx = buf = None
+    if need_x:
+        buf = merged_weight(weight, aux_weight, scale, dy2.dtype)
+        dx = dy2 @ buf
+    if torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
+        buf = None
+    return (dx,) + wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, out=buf)
