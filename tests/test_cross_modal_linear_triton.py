@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_leaves
 from m2pt_kernels.ops import cross_modal_linear_reference as reference_backend
 
 from conftest import device_for_tests, fused_backends
-from helpers import check_against_reference, make_inputs, rel_err, run_backend
+from helpers import check_against_reference, make_inputs, rel_err, run_backend, tolerance
 
 pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="triton backend not available")
 
@@ -172,10 +172,11 @@ def test_fp32_precision_follows_torch_setting():
         torch.set_float32_matmul_precision(before)
 
 
+@pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("split_m", [1, 3])
-def test_deterministic(split_m):
+def test_deterministic(split_m, per_channel):
     """Two runs give bitwise-equal outputs and gradients (no atomics; fixed reduction order)."""
-    inputs = make_inputs((41,), 29, 23, torch.bfloat16, per_channel=True, weight_trainable=split_m == 1,
+    inputs = make_inputs((41,), 29, 23, torch.bfloat16, per_channel=per_channel, weight_trainable=split_m == 1,
                          aux_trainable=split_m == 1)
     dy = torch.randn(41, 23, device=DEVICE, dtype=torch.bfloat16)
     runs = []
@@ -189,6 +190,206 @@ def test_deterministic(split_m):
     assert len(runs[0]) == len(runs[1]) >= 3
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+# ------------------------------------------------------------------ the wgrad finalize kernel
+
+# Small blocks so the tiny test shapes run every loop of the finalize kernel more than once.
+FINALIZE_TINY = dict(BLOCK_N=16, BLOCK_T=2, BLOCK_FLAT=32, num_warps=1)
+
+
+@pytest.fixture
+def nan_workspace(monkeypatch):
+    """The wgrad partial buffers start as NaN (they are torch.empty in the backend): any value the
+    finalize kernel reads that the wgrad kernel did not write makes dλ / db NaN."""
+    made = []
+
+    def workspace(shape, device):
+        made.append(torch.full(shape, float("nan"), device=device, dtype=torch.float32))
+        return made[-1]
+
+    monkeypatch.setattr(triton_backend, "_workspace", workspace)
+    return made
+
+
+def _wgrad_inputs(m, k, n, dtype, per_channel, scale_dtype=torch.float32):
+    dy = torch.randn(m, n, device=DEVICE, dtype=dtype)
+    x = torch.randn(m, k, device=DEVICE, dtype=dtype)
+    a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=DEVICE).to(scale_dtype)
+    return dy, x, a, s
+
+
+def _check_wgrad(dy, x, a, s, flags):
+    got = triton_backend.wgrad(dy, x, a, s, *flags)
+    want = reference_backend.wgrad(dy.double(), x.double(), a.double(), s.double(), *flags)
+    for name, g, r, dtype in zip(("dW", "dW'", "dλ", "db"), got, want, (a.dtype, a.dtype, s.dtype, dy.dtype)):
+        assert (g is None) == (r is None), name
+        if g is not None:
+            assert g.dtype == dtype and g.shape == r.shape, (name, g.dtype, g.shape, r.shape)
+            tol = max(tolerance(dy.dtype, DEVICE), tolerance(dtype, DEVICE))
+            assert rel_err(g, r) < tol, (name, rel_err(g, r))
+    return got
+
+
+@pytest.mark.parametrize("mode", ["full", "probe", "probe_split3"])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_finalize_against_float64(dtype, per_channel, bias, mode, nan_workspace, monkeypatch):
+    """dλ (λ [1]: summed over channels too) and db from the finalize kernel vs float64: M = 1 and a
+    shape with several finalize programs and flat chunks (N = 300 > 2·128; 4 k-tiles, 1200
+    partials per split); the default finalize blocks and tiny ones (several k-tile blocks); split-M."""
+    flags = (True, mode == "full", True, bias) if mode == "full" else (False, False, True, bias)
+    split = 3 if mode == "probe_split3" else 1
+    # λ in bf16 with fp16 activations: dλ is cast to λ's dtype, db to dy's
+    scale_dtype = torch.bfloat16 if dtype == torch.float16 else torch.float32
+    for finalize in (dict(triton_backend.FINALIZE_META), FINALIZE_TINY):
+        monkeypatch.setattr(triton_backend, "FINALIZE_META", finalize)
+        for m, k, n in ((1, 19, 13), (3, 64, 300)):
+            inputs = _wgrad_inputs(m, k, n, dtype, per_channel, scale_dtype)
+            with triton_backend.config_override(wgrad=_wg(64, 16, 16), split_m=split):
+                _check_wgrad(*inputs, flags)
+    assert len(nan_workspace) == 4 * (1 + bias)
+
+
+def test_finalize_reads_only_the_rows_the_autotuned_config_wrote(monkeypatch, nan_workspace):
+    """The partials are sized for the smallest BLOCK_K; the autotuner picks BLOCK_K = 32 here (half
+    the k-tile rows). The second, cached call benchmarks nothing, so the rows past the chosen
+    config's stay NaN -- checked, so this test can fail -- and dλ must still be right."""
+    import triton
+
+    calls = []
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        calls.append(1)
+        return [100.0 - len(calls)] * 3  # the later config wins
+
+    tuned = triton_backend.autotuned(triton_backend._wgrad_kernel,
+                                     [triton.Config(_wg(16, 16, 16)), triton.Config(_wg(16, 32, 16))],
+                                     do_bench=fake_bench)
+    monkeypatch.setattr(triton_backend, "_wgrad_tuned", tuned)
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind: None)
+    for per_channel in (True, False):
+        for call in range(2):
+            inputs = _wgrad_inputs(7, 70, 37, torch.float16, per_channel)
+            _check_wgrad(*inputs, (True, False, True, True))
+            dlam_part = nan_workspace[-2]
+            assert dlam_part.shape == (1, 5, 37)  # cdiv(70, 16) rows
+            written = triton.cdiv(70, 32)
+            assert not dlam_part[:, :written].isnan().any()
+            if call == 1:
+                assert dlam_part[:, written:].isnan().all()
+    assert tuned.best_config.kwargs["BLOCK_K"] == 32 and len(calls) == 2  # λ's shape is not in the key
+
+
+# ------------------------------------------------------------------ how many launches wgrad makes
+
+_NO_LAUNCH = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
+              torch.ops.aten.new_empty.default, torch.ops.aten.new_empty_strided.default,
+              torch.ops.aten.empty_like.default}
+
+
+class _Launches(TorchDispatchMode):
+    """Device work a call issues: Triton launches (through ``count_triton``) and every aten op that
+    is neither a view nor an uninitialized allocation (fills, reductions, casts, copies), outside
+    the Triton launches (the interpreter copies argument storages with aten ops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.log = []
+        self._in_triton = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self._in_triton and not func.is_view and func not in _NO_LAUNCH:
+            self.log.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    def count_triton(self, monkeypatch, name):
+        probe, fn = self, getattr(triton_backend, name)
+
+        class Counted:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    probe.log.append(name)
+                    probe._in_triton += 1
+                    try:
+                        return fn[grid](*args, **kwargs)
+                    finally:
+                        probe._in_triton -= 1
+                return launch
+
+            def __getattr__(self, attr):  # best_config, configs of an autotuner
+                return getattr(fn, attr)
+
+        monkeypatch.setattr(triton_backend, name, Counted())
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    probe = _Launches()
+    for name in ("_wgrad_kernel", "_wgrad_tuned", "_finalize_kernel", "_merged_gemm_kernel"):
+        probe.count_triton(monkeypatch, name)
+    return probe
+
+
+def test_launch_probe_counts_torch_work(launches):
+    """The probe is able to fail: the reference wgrad and wgrad's db-only path are torch ops."""
+    dy, x, a, s = _wgrad_inputs(6, 40, 24, torch.bfloat16, per_channel=False)
+    launches.log.clear()
+    with launches:
+        reference_backend.wgrad(dy, x, a, s, True, True, True, True)
+    assert len(launches.log) >= 4, launches.log
+    launches.log.clear()
+    with launches:
+        triton_backend.wgrad(dy, x, a, s, False, False, False, True)  # Σ dy in fp32, cast to bf16
+    assert len(launches.log) == 2 and "_wgrad_kernel" not in launches.log, launches.log
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("flags", [
+    (True, True, True, True),     # full fine-tuning
+    (True, False, True, False),   # aux frozen, no bias
+    (False, True, False, False),  # only dW': no finalize
+    (False, False, True, True),   # linear probing: λ and b (split over M below)
+])
+def test_wgrad_launch_count(flags, scale_dtype, per_channel, launches):
+    """wgrad is the wgrad kernel plus one finalize launch when dλ or db is wanted; nothing else
+    (no zero-fill, no torch sums or casts). Before the finalize kernel: 4-7 launches."""
+    dy, x, a, s = _wgrad_inputs(6, 40, 24, torch.bfloat16, per_channel, scale_dtype)
+    for split in (1, 3):
+        launches.log.clear()
+        with triton_backend.config_override(wgrad=CONFIGS[0][2], split_m=split):
+            with launches:
+                got = triton_backend.wgrad(dy, x, a, s, *flags)
+        want = ["_wgrad_kernel"] + (["_finalize_kernel"] if flags[2] or flags[3] else [])
+        assert launches.log == want, launches.log
+        assert [g is not None for g in got] == list(flags)
+
+
+def test_wgrad_launch_count_autotuned(monkeypatch, launches):
+    """The GPU launch path (autotuner, here with a fake timer): after the first call has tuned,
+    a call is one autotuned wgrad launch and one finalize launch."""
+    import triton
+
+    def fake_bench(kernel_call, quantiles):
+        kernel_call()
+        return [1.0] * 3
+
+    tuned = triton_backend.autotuned(triton_backend._wgrad_kernel,
+                                     [triton.Config(_wg(16, 16, 16)), triton.Config(_wg(16, 32, 16))],
+                                     do_bench=fake_bench)
+    monkeypatch.setattr(triton_backend, "_wgrad_tuned", tuned)
+    launches.count_triton(monkeypatch, "_wgrad_tuned")
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind: None)
+    dy, x, a, s = _wgrad_inputs(6, 40, 24, torch.float16, per_channel=False)
+    triton_backend.wgrad(dy, x, a, s, True, True, True, True)  # tunes
+    launches.log.clear()  # (Triton launches are logged with or without the mode entered)
+    with launches:
+        triton_backend.wgrad(dy, x, a, s, True, True, True, True)
+    assert launches.log == ["_wgrad_tuned", "_finalize_kernel"], launches.log
 
 
 # ------------------------------------------------------------------ what the launchers allocate
@@ -304,8 +505,9 @@ def test_autotuned_launch_path(monkeypatch):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the GPU tests compile the kernels for real; "
                     "this ahead-of-time check uses triton's internal compile API, which changes between versions")
 def test_kernels_compile_for_hopper_and_ampere():
-    """The interpreter never runs triton's compiler: compile both kernels (both orientations, the
-    λ-only variant, bf16 / fp32 TF32 / fp32 IEEE) for sm_90 and sm_80 ahead of time, in a
+    """The interpreter never runs triton's compiler: compile the kernels (both orientations, the
+    λ-only variant, bf16 / fp32 TF32 / fp32 IEEE, the finalize kernel for λ [1] and [N]) for sm_90
+    and sm_80 ahead of time, in a
     subprocess with the interpreter off, and check Hopper gets wgmma with the merged weight as the
     register operand under SWAP_AB."""
     import os
@@ -315,7 +517,7 @@ def test_kernels_compile_for_hopper_and_ampere():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") == 9, done.stdout
+    assert done.stdout.count("ok ") == 12, done.stdout
 
 
 def _compile_ahead_of_time():
@@ -361,6 +563,13 @@ def _compile_ahead_of_time():
                     stride_part_split=12 * n, SPLIT_M=1 if need_w else 4, M_BUCKET=2048, NEED_W=need_w,
                     NEED_AUX=need_w, NEED_SCALE=True, NEED_BIAS=True, PRECISION=precision, UPCAST=False)
 
+    def finalize(out_dtype, scale_dtype, scalar, split, bias=True, n=768, k_tiles=48):
+        return dict(dlam_part_ptr=torch.float32, db_part_ptr=torch.float32, dscale_ptr=scale_dtype,
+                    db_ptr=out_dtype, N=n, SPLIT_M=split, K_TILES=k_tiles, stride_part_split=k_tiles * n,
+                    NEED_SCALE=True, NEED_BIAS=bias, SCALAR_LAM=scalar)
+
+    finalize_meta = dict(tb.FINALIZE_META)
+    finalize_config = triton.Config(finalize_meta, num_warps=finalize_meta.pop("num_warps"), num_stages=1)
     plain, swapped = tb.GEMM_CONFIGS[0], tb.GEMM_CONFIGS[6]
     assert not plain.kwargs["SWAP_AB"] and swapped.kwargs["SWAP_AB"]
     jobs = [  # (cap, kernel, values, config, expect the merged operand in registers)
@@ -373,11 +582,15 @@ def _compile_ahead_of_time():
         (80, tb._merged_gemm_kernel, gemm(torch.bfloat16, False, "tf32"), plain, None),
         (80, tb._merged_gemm_kernel, gemm(torch.float32, True, "tf32"), swapped, None),
         (80, tb._wgrad_kernel, wgrad(torch.float16, False, "tf32"), tb.WGRAD_CONFIGS[2], None),
+        (90, tb._finalize_kernel, finalize(torch.bfloat16, torch.float32, True, 1), finalize_config, None),
+        (90, tb._finalize_kernel, finalize(torch.bfloat16, torch.bfloat16, False, 4, bias=False), finalize_config,
+         None),
+        (80, tb._finalize_kernel, finalize(torch.float16, torch.bfloat16, True, 3), finalize_config, None),
     ]
     for cap, fn, values, config, merged_in_registers in jobs:
         kernel = compile_for(fn, values, config, cap)
         ttgir = kernel.asm["ttgir"]
-        if cap >= 90 and values.get("PRECISION") != "ieee":
+        if cap >= 90 and values.get("PRECISION", "ieee") != "ieee":  # (the finalize kernel has no dot)
             assert "ttng.warp_group_dot " in ttgir, "no wgmma on sm_90"
         if merged_in_registers is not None:  # the left wgmma operand: registers (tensor) or smem (memdesc)
             dots = [line.split("} : ", 1)[1] for line in ttgir.splitlines() if "ttng.warp_group_dot " in line]

@@ -16,10 +16,14 @@ A's dtype and fed to ``tl.dot``; fp32 accumulation, optional bias in the epilogu
 BLOCK_M steps. The epilogue writes dW = G and dW' = λ·G only when asked, reduces the per-tile
 partial of dλ against the W' tile into a small fp32 buffer [SPLIT_M, k-tiles, N], and the
 programs with k-tile index 0 write db = Σ_m dy (accumulated from the dy tiles they load anyway)
-into an fp32 buffer [SPLIT_M, N]. One small torch sum over those buffers finishes dλ and db:
-deterministic, no atomics. When only dλ / db are wanted (linear probing) G is never written and
+into an fp32 buffer [SPLIT_M, N]. When only dλ / db are wanted (linear probing) G is never written and
 M may be split over ``SPLIT_M`` programs per tile (more parallelism when N·K tiles are few). When
 G is written there is no split (it would need an fp32 [SPLIT_M, N, K] workspace).
+
+``_finalize_kernel`` -- one launch after the wgrad kernel: sums the partials it wrote (and only
+those) in a fixed order and writes dλ in λ's dtype (per channel, or summed over channels too for
+λ of shape [1]) and db in dy's dtype. Deterministic, no atomics. So wgrad is two launches (one
+when neither dλ nor db is wanted): at M = 197 tokens a launch costs about as much as the math.
 
 On CUDA both kernels are autotuned (configs below, for Ampere and Hopper). Under
 ``TRITON_INTERPRET=1`` one small config is used (tests may pick others with ``config_override``).
@@ -193,6 +197,48 @@ def _wgrad_kernel(
         tl.store(db_part_ptr + pid_s * N + offs_n, db, mask=mask_n & (pid_k == 0))
 
 
+@triton.jit
+def _finalize_kernel(
+    dlam_part_ptr, db_part_ptr, dscale_ptr, db_ptr,
+    N, SPLIT_M, K_TILES,   # K_TILES: the k-tile rows the wgrad launch wrote (its BLOCK_K), per split
+    stride_part_split,
+    NEED_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, SCALAR_LAM: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_FLAT: tl.constexpr,
+):
+    """dλ = Σ_split Σ_k-tile partials, db = Σ_split partials: fp32, fixed order, one launch.
+
+    Per-channel dλ and db: one program per BLOCK_N channels. λ of shape [1]: program 0 also sums
+    every channel -- the rows [0, K_TILES) of one split are contiguous (K_TILES·N values), read in
+    BLOCK_FLAT chunks into one fp32 vector that a single fixed-shape tl.sum finishes.
+    """
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    if NEED_BIAS:
+        db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for s in range(0, SPLIT_M):
+            db += tl.load(db_part_ptr + s * N + offs_n, mask=mask_n, other=0.0)
+        tl.store(db_ptr + offs_n, db.to(db_ptr.dtype.element_ty), mask=mask_n)
+    if NEED_SCALE:
+        if SCALAR_LAM:
+            if pid == 0:
+                span = K_TILES * N
+                flat = tl.zeros((BLOCK_FLAT,), dtype=tl.float32)
+                for s in range(0, SPLIT_M):
+                    for i0 in range(0, span, BLOCK_FLAT):
+                        offs = i0 + tl.arange(0, BLOCK_FLAT)
+                        flat += tl.load(dlam_part_ptr + s * stride_part_split + offs, mask=offs < span, other=0.0)
+                tl.store(dscale_ptr, tl.sum(flat, axis=0).to(dscale_ptr.dtype.element_ty))
+        else:
+            acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+            for s in range(0, SPLIT_M):
+                for t0 in range(0, K_TILES, BLOCK_T):
+                    offs_t = t0 + tl.arange(0, BLOCK_T)
+                    acc += tl.load(dlam_part_ptr + s * stride_part_split + offs_t[:, None] * N + offs_n[None, :],
+                                   mask=(offs_t < K_TILES)[:, None] & mask_n[None, :], other=0.0)
+            tl.store(dscale_ptr + offs_n, tl.sum(acc, axis=0).to(dscale_ptr.dtype.element_ty), mask=mask_n)
+
+
 # --------------------------------------------------------------------------- configs
 
 
@@ -241,8 +287,9 @@ WGRAD_KEY = ["M_BUCKET", "N", "K", "NEED_W", "NEED_AUX", "NEED_SCALE", "NEED_BIA
 def autotuned(kernel, configs, **extra):
     """The autotuned launchers below (tests build their own, with a fake timer, under the interpreter)."""
     if kernel is _wgrad_kernel:
-        # Benchmarking a config with a smaller BLOCK_K fills more k-tile rows of the dλ partials.
-        return triton.autotune(configs=configs, key=WGRAD_KEY, reset_to_zero=["dlam_part_ptr"], **extra)(kernel)
+        # No reset_to_zero of the partials: the finalize kernel reads only the rows the chosen
+        # config wrote (configs with a smaller BLOCK_K, benchmarked first, leave stale rows past them).
+        return triton.autotune(configs=configs, key=WGRAD_KEY, **extra)(kernel)
     return triton.autotune(configs=configs, key=GEMM_KEY, **extra)(kernel)
 
 
@@ -252,6 +299,8 @@ _wgrad_tuned = autotuned(_wgrad_kernel, WGRAD_CONFIGS)
 # The one config used under the interpreter (fast), unless a test overrides it.
 _INTERPRET_GEMM = dict(BLOCK_M=16, BLOCK_C=16, BLOCK_R=16, GROUP_M=2, SWAP_AB=False)
 _INTERPRET_WGRAD = dict(BLOCK_N=16, BLOCK_K=16, BLOCK_M=16, GROUP_N=2)
+# The finalize kernel is not tuned: it moves a few KiB (e.g. fc2 at BLOCK_K=64: 48 k-tiles x 768).
+FINALIZE_META = dict(BLOCK_N=128, BLOCK_T=8, BLOCK_FLAT=1024, num_warps=4)
 _override: dict = {}
 
 
@@ -355,9 +404,20 @@ def _split_m(m: int, n: int, k: int, writes_g: bool, device: torch.device) -> in
     return max(1, min(triton.cdiv(m, 512), triton.cdiv(2 * sms, tiles)))
 
 
+def _workspace(shape, device: torch.device) -> Tensor:
+    """fp32 scratch for the wgrad partials, left uninitialized: every value the finalize kernel
+    reads was written by the wgrad launch (tests swap in a NaN-filled one to check that)."""
+    return torch.empty(shape, device=device, dtype=torch.float32)
+
+
 def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
           need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool):
-    """(dW | None, dW' | None, dλ | None, db | None); see the op's docstring for the math."""
+    """(dW | None, dW' | None, dλ | None, db | None); see the op's docstring for the math.
+
+    Kernel launches: the wgrad kernel, then -- when dλ or db is wanted -- the finalize kernel; no
+    other device work (buffers come from torch.empty). Before the finalize kernel this path also
+    launched a zero-fill of the dλ partials and 3-5 torch reductions / casts.
+    """
     m, n = dy2.shape
     k = x2.shape[1]
     dw = aux_weight.new_empty((n, k)) if need_weight else None
@@ -378,9 +438,8 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     k_tiles = triton.cdiv(k, meta["BLOCK_K"] if meta is not None else min(
         c.kwargs["BLOCK_K"] for c in _wgrad_tuned.configs))
     # dλ partials [split, k-tiles, N], sized for the smallest BLOCK_K the autotuner may pick.
-    dlam_part = torch.zeros((split, k_tiles, n) if need_scale else (1, 1, 1),
-                            device=dy2.device, dtype=torch.float32)
-    db_part = torch.empty((split, n), device=dy2.device, dtype=torch.float32) if need_bias else None
+    dlam_part = _workspace((split, k_tiles, n) if need_scale else (1,), dy2.device)
+    db_part = _workspace((split, n), dy2.device) if need_bias else None
     dummy = scale  # stands in for output pointers a variant never touches (never written)
     args = (dy2, x2, aux_weight, scale,
             dw if dw is not None else dummy, daux if daux is not None else dummy,
@@ -390,18 +449,24 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
             k_tiles * n, split, triton.next_power_of_2(m))
     flags = dict(NEED_W=need_weight, NEED_AUX=need_aux, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
                  PRECISION=_precision(dy2.dtype), UPCAST=_upcast(dy2.dtype))
+    dscale = scale.new_empty(scale.shape) if need_scale else None
+    db = dy2.new_empty((n,)) if need_bias else None
     with _on_device(dy2):
         if meta is None:
             grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
             _wgrad_tuned[grid](*args, **flags)
-            k_tiles = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
+            written = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
         else:
             grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
             _wgrad_kernel[grid](*args, **flags, **meta)
-
-    dscale = None
-    if need_scale:
-        per_channel = dlam_part[:, :k_tiles].sum(dim=(0, 1))
-        dscale = (per_channel if scale.numel() > 1 else per_channel.sum().view(1)).to(scale.dtype)
-    db = db_part.sum(dim=0).to(dy2.dtype) if need_bias else None
+            written = k_tiles
+        assert written <= k_tiles, (written, k_tiles)
+        if need_scale or need_bias:
+            scalar = need_scale and scale.numel() == 1
+            programs = 1 if scalar and not need_bias else triton.cdiv(n, FINALIZE_META["BLOCK_N"])
+            _finalize_kernel[(programs,)](
+                dlam_part, db_part if db_part is not None else dlam_part,
+                dscale if dscale is not None else dlam_part, db if db is not None else dlam_part,
+                n, split, written, k_tiles * n,
+                NEED_SCALE=need_scale, NEED_BIAS=need_bias, SCALAR_LAM=scalar, **FINALIZE_META)
     return dw, daux, dscale, db
