@@ -195,7 +195,7 @@ def test_deterministic(split_m, per_channel):
 # ------------------------------------------------------------------ the wgrad finalize kernel
 
 # Small blocks so the tiny test shapes run every loop of the finalize kernel more than once.
-FINALIZE_TINY = dict(BLOCK_N=16, BLOCK_T=2, BLOCK_FLAT=32, num_warps=1)
+FINALIZE_TINY = dict(BLOCK_N=16, BLOCK_T=2, SCALAR_T=2, SCALAR_C=4, num_warps=1)
 
 
 @pytest.fixture
@@ -238,8 +238,8 @@ def _check_wgrad(dy, x, a, s, flags):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_finalize_against_float64(dtype, per_channel, bias, mode, nan_workspace, monkeypatch):
     """dλ (λ [1]: summed over channels too) and db from the finalize kernel vs float64: M = 1 and a
-    shape with several finalize programs and flat chunks (N = 300 > 2·128; 4 k-tiles, 1200
-    partials per split); the default finalize blocks and tiny ones (several k-tile blocks); split-M."""
+    shape with several finalize programs (N = 300 > 2·128; 4 k-tiles, 5 n-tiles); the default
+    finalize blocks and tiny ones (several k-tile and n-tile blocks); split-M."""
     flags = (True, mode == "full", True, bias) if mode == "full" else (False, False, True, bias)
     split = 3 if mode == "probe_split3" else 1
     # λ in bf16 with fp16 activations: dλ is cast to λ's dtype, db to dy's
@@ -278,9 +278,10 @@ def test_finalize_reads_only_the_rows_the_autotuned_config_wrote(monkeypatch, na
             dlam_part = nan_workspace[-2]
             assert dlam_part.shape == (1, 5, 37)  # cdiv(70, 16) rows
             written = triton.cdiv(70, 32)
-            assert not dlam_part[:, :written].isnan().any()
+            columns = 37 if per_channel else triton.cdiv(37, 16)  # λ [1]: one value per n-tile
+            assert not dlam_part[:, :written, :columns].isnan().any()
             if call == 1:
-                assert dlam_part[:, written:].isnan().all()
+                assert dlam_part[:, written:].isnan().all() and dlam_part[:, :, columns:].isnan().all()
     assert tuned.best_config.kwargs["BLOCK_K"] == 32 and len(calls) == 2  # λ's shape is not in the key
 
 
@@ -561,11 +562,13 @@ def _compile_ahead_of_time():
                     dlam_part_ptr=torch.float32, db_part_ptr=torch.float32, M=m, N=n, K=k, stride_dym=n,
                     stride_dyn=1, stride_xm=k, stride_xk=1, stride_un=k, stride_uk=1, stride_lam=1,
                     stride_part_split=12 * n, SPLIT_M=1 if need_w else 4, M_BUCKET=2048, NEED_W=need_w,
-                    NEED_AUX=need_w, NEED_SCALE=True, NEED_BIAS=True, PRECISION=precision, UPCAST=False)
+                    NEED_AUX=need_w, NEED_SCALE=True, NEED_BIAS=True, SCALAR_LAM=not need_w,
+                    PRECISION=precision, UPCAST=False)
 
     def finalize(out_dtype, scale_dtype, scalar, split, bias=True, n=768, k_tiles=48):
         return dict(dlam_part_ptr=torch.float32, db_part_ptr=torch.float32, dscale_ptr=scale_dtype,
-                    db_ptr=out_dtype, N=n, SPLIT_M=split, K_TILES=k_tiles, stride_part_split=k_tiles * n,
+                    db_ptr=out_dtype, N=n, SPLIT_M=split, K_TILES=k_tiles, N_TILES=n // 128,
+                    stride_part_split=k_tiles * n,
                     NEED_SCALE=True, NEED_BIAS=bias, SCALAR_LAM=scalar)
 
     finalize_meta = dict(tb.FINALIZE_META)

@@ -14,7 +14,8 @@ A's dtype and fed to ``tl.dot``; fp32 accumulation, optional bias in the epilogu
 
 ``_wgrad_kernel`` -- G = dyᵀ·x tiled over (BLOCK_N, BLOCK_K) output tiles, reducing over M in
 BLOCK_M steps. The epilogue writes dW = G and dW' = λ·G only when asked, reduces the per-tile
-partial of dλ against the W' tile into a small fp32 buffer [SPLIT_M, k-tiles, N], and the
+partial of dλ against the W' tile into a small fp32 buffer [SPLIT_M, k-tiles, N] (λ of shape
+[1]: the tile's partial summed over its channels too, one value per tile at column n-tile), and the
 programs with k-tile index 0 write db = Σ_m dy (accumulated from the dy tiles they load anyway)
 into an fp32 buffer [SPLIT_M, N]. When only dλ / db are wanted (linear probing) G is never written and
 M may be split over ``SPLIT_M`` programs per tile (more parallelism when N·K tiles are few). When
@@ -156,7 +157,7 @@ def _wgrad_kernel(
     stride_part_split,     # dλ partials [SPLIT_M, k-tiles, N]: split stride; k-tile stride is N
     SPLIT_M, M_BUCKET,     # M_BUCKET: autotune key only
     NEED_W: tl.constexpr, NEED_AUX: tl.constexpr, NEED_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    SCALAR_LAM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
 ):
     pid_n, pid_k = _tile_ids(tl.program_id(0), N, K, BLOCK_N, BLOCK_K, GROUP_N)
@@ -192,7 +193,11 @@ def _wgrad_kernel(
     if NEED_SCALE:
         u = tl.load(aux_ptr + offs_n[:, None] * stride_un + offs_k[None, :] * stride_uk, mask=mask_nk, other=0.0)
         part = tl.sum(acc * u.to(tl.float32), axis=1)
-        tl.store(dlam_part_ptr + pid_s * stride_part_split + pid_k * N + offs_n, part, mask=mask_n)
+        row = dlam_part_ptr + pid_s * stride_part_split + pid_k * N
+        if SCALAR_LAM:  # λ [1]: the whole tile's share, at column pid_n (< N) of its k-tile row
+            tl.store(row + pid_n, tl.sum(part, axis=0))
+        else:
+            tl.store(row + offs_n, part, mask=mask_n)
     if NEED_BIAS:
         tl.store(db_part_ptr + pid_s * N + offs_n, db, mask=mask_n & (pid_k == 0))
 
@@ -201,15 +206,16 @@ def _wgrad_kernel(
 def _finalize_kernel(
     dlam_part_ptr, db_part_ptr, dscale_ptr, db_ptr,
     N, SPLIT_M, K_TILES,   # K_TILES: the k-tile rows the wgrad launch wrote (its BLOCK_K), per split
+    N_TILES,               # λ [1]: the columns it wrote per row (its n-tiles)
     stride_part_split,
     NEED_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr, SCALAR_LAM: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_FLAT: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr, SCALAR_T: tl.constexpr, SCALAR_C: tl.constexpr,
 ):
     """dλ = Σ_split Σ_k-tile partials, db = Σ_split partials: fp32, fixed order, one launch.
 
     Per-channel dλ and db: one program per BLOCK_N channels. λ of shape [1]: program 0 also sums
-    every channel -- the rows [0, K_TILES) of one split are contiguous (K_TILES·N values), read in
-    BLOCK_FLAT chunks into one fp32 vector that a single fixed-shape tl.sum finishes.
+    the [K_TILES, N_TILES] per-tile values of every split, in [SCALAR_T, SCALAR_C] blocks added
+    into one fp32 block that a single fixed-shape tl.sum finishes.
     """
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -222,13 +228,18 @@ def _finalize_kernel(
     if NEED_SCALE:
         if SCALAR_LAM:
             if pid == 0:
-                span = K_TILES * N
-                flat = tl.zeros((BLOCK_FLAT,), dtype=tl.float32)
+                tiles = tl.zeros((SCALAR_T, SCALAR_C), dtype=tl.float32)
                 for s in range(0, SPLIT_M):
-                    for i0 in range(0, span, BLOCK_FLAT):
-                        offs = i0 + tl.arange(0, BLOCK_FLAT)
-                        flat += tl.load(dlam_part_ptr + s * stride_part_split + offs, mask=offs < span, other=0.0)
-                tl.store(dscale_ptr, tl.sum(flat, axis=0).to(dscale_ptr.dtype.element_ty))
+                    for t0 in range(0, K_TILES, SCALAR_T):
+                        offs_t = t0 + tl.arange(0, SCALAR_T)
+                        for c0 in range(0, N_TILES, SCALAR_C):
+                            offs_c = c0 + tl.arange(0, SCALAR_C)
+                            tiles += tl.load(dlam_part_ptr + s * stride_part_split + offs_t[:, None] * N
+                                             + offs_c[None, :],
+                                             mask=(offs_t < K_TILES)[:, None] & (offs_c < N_TILES)[None, :],
+                                             other=0.0)
+                total = tl.sum(tl.sum(tiles, axis=1), axis=0)
+                tl.store(dscale_ptr, total.to(dscale_ptr.dtype.element_ty))
         else:
             acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
             for s in range(0, SPLIT_M):
@@ -299,8 +310,9 @@ _wgrad_tuned = autotuned(_wgrad_kernel, WGRAD_CONFIGS)
 # The one config used under the interpreter (fast), unless a test overrides it.
 _INTERPRET_GEMM = dict(BLOCK_M=16, BLOCK_C=16, BLOCK_R=16, GROUP_M=2, SWAP_AB=False)
 _INTERPRET_WGRAD = dict(BLOCK_N=16, BLOCK_K=16, BLOCK_M=16, GROUP_N=2)
-# The finalize kernel is not tuned: it moves a few KiB (e.g. fc2 at BLOCK_K=64: 48 k-tiles x 768).
-FINALIZE_META = dict(BLOCK_N=128, BLOCK_T=8, BLOCK_FLAT=1024, num_warps=4)
+# The finalize kernel is not tuned: it moves a few KiB (fc2 at BLOCK_K=64: 48 k-tiles x 768
+# channels; for λ [1], 48 x 6 tile values: one [SCALAR_T, SCALAR_C] block per 32 k-tiles).
+FINALIZE_META = dict(BLOCK_N=128, BLOCK_T=8, SCALAR_T=32, SCALAR_C=32, num_warps=4)
 _override: dict = {}
 
 
@@ -447,26 +459,28 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
             m, n, k, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
             aux_weight.stride(0), aux_weight.stride(1), 0 if scale.numel() == 1 else scale.stride(0),
             k_tiles * n, split, triton.next_power_of_2(m))
+    scalar = need_scale and scale.numel() == 1
     flags = dict(NEED_W=need_weight, NEED_AUX=need_aux, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
-                 PRECISION=_precision(dy2.dtype), UPCAST=_upcast(dy2.dtype))
+                 SCALAR_LAM=scalar, PRECISION=_precision(dy2.dtype), UPCAST=_upcast(dy2.dtype))
     dscale = scale.new_empty(scale.shape) if need_scale else None
     db = dy2.new_empty((n,)) if need_bias else None
     with _on_device(dy2):
         if meta is None:
             grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
             _wgrad_tuned[grid](*args, **flags)
-            written = triton.cdiv(k, _wgrad_tuned.best_config.kwargs["BLOCK_K"])  # the rows it wrote
+            ran = _wgrad_tuned.best_config.kwargs
         else:
             grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
             _wgrad_kernel[grid](*args, **flags, **meta)
-            written = k_tiles
+            ran = meta
+        # the partials it wrote: k-tile rows, and for λ [1] one column per n-tile
+        written, n_tiles = triton.cdiv(k, ran["BLOCK_K"]), triton.cdiv(n, ran["BLOCK_N"])
         assert written <= k_tiles, (written, k_tiles)
         if need_scale or need_bias:
-            scalar = need_scale and scale.numel() == 1
             programs = 1 if scalar and not need_bias else triton.cdiv(n, FINALIZE_META["BLOCK_N"])
             _finalize_kernel[(programs,)](
                 dlam_part, db_part if db_part is not None else dlam_part,
                 dscale if dscale is not None else dlam_part, db if db is not None else dlam_part,
-                n, split, written, k_tiles * n,
+                n, split, written, n_tiles, k_tiles * n,
                 NEED_SCALE=need_scale, NEED_BIAS=need_bias, SCALAR_LAM=scalar, **FINALIZE_META)
     return dw, daux, dscale, db
