@@ -17,6 +17,10 @@
 //                               per-block fp32 partials of dλ, db fused as row sums of dyᵀ).
 //   gemv_forward_kernel<T, VEC> forward for M <= 64 tokens (memory-bound): one warp per output
 //                               channel, 16-byte loads of W and W' (uint4) when aligned, else scalar.
+//   gemv_dgrad_kernel<T, VEC>   dgrad for M <= 64 tokens (memory-bound): one block per 16 bytes of
+//                               K columns, N split over its threads, fixed-order in-block reduction.
+//                               Both GEMVs round the fp32 merge to T like the tiled kernel, and are
+//                               FFMA for fp32 whatever the tf32 flag.
 //   dlam_reduce_*               deterministic second pass over the dλ partials.
 //   colsum_kernel               db alone (when no weight-sized gradient is needed).
 //
@@ -470,6 +474,14 @@ constexpr int kGemvThreads = 256;
 constexpr int kGemvWarps = kGemvThreads / 32;
 constexpr int kGemvRows = 8;  // tokens per pass (accumulators per lane)
 
+// W + λ·W' in fp32, rounded once to the input dtype and widened back: the merged weight the
+// reference (merged_weight) and the tiled kernel (which rounds it into shared memory) multiply by.
+// A no-op rounding for fp32.
+template <typename T>
+__device__ __forceinline__ float merge_rounded(float w, float lam, float a) {
+  return to_f(from_f<T>(fmaf(lam, a, w)));
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -499,7 +511,7 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_forward_kernel(const Forwar
       load_vec<T, V>(w + k, wv);
       load_vec<T, V>(w2 + k, av);
 #pragma unroll
-      for (int v = 0; v < V; ++v) wv[v] = fmaf(lam, av[v], wv[v]);  // W + λ·W' in registers
+      for (int v = 0; v < V; ++v) wv[v] = merge_rounded<T>(wv[v], lam, av[v]);  // W + λ·W' in registers
 #pragma unroll
       for (int i = 0; i < kGemvRows; ++i) {
         if (m0 + i < p.M) {
@@ -515,6 +527,100 @@ __global__ void __launch_bounds__(kGemvThreads) gemv_forward_kernel(const Forwar
       const float s = warp_sum(acc[i]);
       if (lane == 0 && m0 + i < p.M) y[(m0 + i) * p.N + n] = from_f<T>(s + b);
     }
+  }
+}
+
+// ---- dgrad for few tokens: memory-bound GEMV-T over the merged weight ---------------------------
+// dx[m, k] = Σ_n dy[m, n] · (W + λ_n·W')[n, k] for M <= kGemvMaxM. Block b owns the C = 16 / sizeof(T)
+// columns [b·C, +C) of dx: one 16-byte vector of each W / W' row (contiguous along K). Its 256
+// threads form TG token groups x RG = 256 / TG row groups (thread t: token group t % TG, row group
+// t / TG): thread (g, r) accumulates dx[g·R + i, the C columns] (i < R = 8: R·C fp32 registers)
+// over the rows n = r, r + RG, ... . TG = the smallest power of two with TG·R >= M, so W and W' are
+// read once per block whatever M (≤ 64): the TG lanes of a row load the same vectors (one request)
+// and each forms the merge itself. The row groups are then summed in a fixed order (warp butterfly,
+// then the 8 warps' sums in order from shared memory): deterministic, no atomics.
+constexpr int kDgradThreads = 256;
+constexpr int kDgradWarps = kDgradThreads / 32;
+constexpr int kDgradTokens = 8;  // R: tokens per thread (R·C fp32 accumulators: 64 for bf16/fp16, 32 for fp32)
+
+// VEC: W and W' 16-byte aligned and K % kCols == 0 (host checks), so each row's kCols columns are one
+// uint4; otherwise the same columns are read one by one with a bounds check (K not a multiple of C).
+// dy: any strides (scalar loads; each block reads all of dy once, an L2-resident M x N <= 64 x N).
+template <typename T, bool VEC>
+__global__ void __launch_bounds__(kDgradThreads) gemv_dgrad_kernel(const DgradArgs p, int tg_count) {
+  constexpr int C = int(16 / sizeof(T));   // columns per block (one 16-byte vector per row)
+  constexpr int R = kDgradTokens;
+  static_assert(kDgradWarps * 32 == kDgradThreads && 32 % (kGemvMaxM / R) == 0 && kGemvMaxM % R == 0,
+                "TG <= kGemvMaxM / R token groups cover the tokens, and TG divides a warp");
+  __shared__ float red[kDgradWarps][kGemvMaxM * C];  // per warp: its row groups' sums, [token][column]
+
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const int tg = tid % tg_count;            // token group: tokens [tg·R, +R)
+  const int rg = tid / tg_count;            // row group: rows rg, rg + rows_step, ...
+  const int64_t rows_step = kDgradThreads / tg_count;
+  const int64_t k0 = static_cast<int64_t>(blockIdx.x) * C;
+  const int64_t m0 = static_cast<int64_t>(tg) * R;
+  const T* __restrict__ w = static_cast<const T*>(p.w);
+  const T* __restrict__ w2 = static_cast<const T*>(p.w2);
+  const T* __restrict__ dy = static_cast<const T*>(p.dy);
+
+  float acc[R][C];
+#pragma unroll
+  for (int i = 0; i < R; ++i)
+#pragma unroll
+    for (int c = 0; c < C; ++c) acc[i][c] = 0.0f;
+
+  if (m0 < p.M) {  // else this thread's tokens are all past M (it still joins the reductions below)
+    for (int64_t n = rg; n < p.N; n += rows_step) {
+      const int64_t off = n * p.K + k0;
+      float wv[C], av[C];
+      if (VEC) {
+        load_vec<T, C>(w + off, wv);
+        load_vec<T, C>(w2 + off, av);
+      } else {
+#pragma unroll
+        for (int c = 0; c < C; ++c) {
+          const bool in = k0 + c < p.K;
+          wv[c] = in ? to_f(w[off + c]) : 0.0f;
+          av[c] = in ? to_f(w2[off + c]) : 0.0f;
+        }
+      }
+      const float lam = p.lam[p.lam_per_channel ? n : 0];  // λ of the reduction index n
+#pragma unroll
+      for (int c = 0; c < C; ++c) wv[c] = merge_rounded<T>(wv[c], lam, av[c]);
+#pragma unroll
+      for (int i = 0; i < R; ++i) {
+        if (m0 + i < p.M) {
+          const float d = to_f(dy[(m0 + i) * p.sdy_m + n * p.sdy_n]);
+#pragma unroll
+          for (int c = 0; c < C; ++c) acc[i][c] = fmaf(d, wv[c], acc[i][c]);
+        }
+      }
+    }
+  }
+
+  // Sum over the warp's lanes of the same token group (lane % TG equal; TG divides 32), fixed order.
+  for (int o = 16; o >= tg_count; o >>= 1) {
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+#pragma unroll
+      for (int c = 0; c < C; ++c) acc[i][c] += __shfl_xor_sync(0xffffffffu, acc[i][c], o);
+  }
+  if (lane < tg_count) {  // lane == tg: the warp's sums for tokens [tg·R, +R)
+#pragma unroll
+    for (int i = 0; i < R; ++i)
+      if (m0 + i < p.M)
+#pragma unroll
+        for (int c = 0; c < C; ++c) red[warp][(m0 + i) * C + c] = acc[i][c];
+  }
+  __syncthreads();
+  T* __restrict__ dx = static_cast<T*>(p.dx);
+  for (int e = tid; e < p.M * C; e += kDgradThreads) {
+    const int64_t m = e / C, k = k0 + e % C;
+    float s = 0.0f;
+#pragma unroll
+    for (int v = 0; v < kDgradWarps; ++v) s += red[v][e];  // warps in order: deterministic
+    if (k < p.K) dx[m * p.K + k] = from_f<T>(s);
   }
 }
 
@@ -611,6 +717,19 @@ void launch_gemv_t(const ForwardArgs& a, cudaStream_t stream) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+template <typename T>
+void launch_gemv_dgrad_t(const DgradArgs& a, cudaStream_t stream) {
+  constexpr int C = int(16 / sizeof(T));
+  constexpr int R = kDgradTokens;
+  int tg = 1;  // token groups: the smallest power of two covering M (divides 32 and 256)
+  while (tg * R < a.M) tg *= 2;
+  const bool vec = a.K % C == 0 && aligned16(a.w) && aligned16(a.w2);
+  const dim3 grid(static_cast<unsigned>(ceil_div(a.K, C)));
+  if (vec) gemv_dgrad_kernel<T, true><<<grid, kDgradThreads, 0, stream>>>(a, tg);
+  else gemv_dgrad_kernel<T, false><<<grid, kDgradThreads, 0, stream>>>(a, tg);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 }  // namespace
 
 void launch_forward(const ForwardArgs& a, DType dtype, Fp32Math math, cudaStream_t stream) {
@@ -632,6 +751,14 @@ void launch_forward(const ForwardArgs& a, DType dtype, Fp32Math math, cudaStream
 }
 
 void launch_dgrad(const DgradArgs& a, DType dtype, Fp32Math math, cudaStream_t stream) {
+  if (a.M <= kGemvMaxM) {  // FFMA in fp32 whatever `math` says (memory-bound: tf32 would gain nothing)
+    switch (dtype) {
+      case DType::kBFloat16: launch_gemv_dgrad_t<__nv_bfloat16>(a, stream); break;
+      case DType::kFloat16: launch_gemv_dgrad_t<__half>(a, stream); break;
+      case DType::kFloat32: launch_gemv_dgrad_t<float>(a, stream); break;
+    }
+    return;
+  }
   GemmArgs g;  // C = dx [M, K], A = dy [M, N], B(n, k) = W[n, k] + λ[n]·W'[n, k]
   g.Mg = a.M; g.Ng = a.K; g.Kg = a.N;
   g.a = a.dy; g.sa_i = a.sdy_m; g.sa_k = a.sdy_n;

@@ -24,7 +24,7 @@ for l in txt:
         name = re.sub(r"\(.*$", "", name.replace('m2pt_cuda::(anonymous namespace)::', '').replace('void ', ''))
         g = re.match(r"gemm_kernel<(\w+), (\d), (\d)>", name)
         if g: name = f"gemm_kernel<{T[g.group(1)]}, {MATH[g.group(2)]}, {EPI[g.group(3)]}>"
-        g = re.match(r"(gemv_forward_kernel|colsum_kernel)<(\w+)(.*)>", name)
+        g = re.match(r"(gemv_forward_kernel|gemv_dgrad_kernel|colsum_kernel)<(\w+)(.*)>", name)
         if g: name = f"{g.group(1)}<{T[g.group(2)]}{g.group(3)}>"
         rows.setdefault(name, {})[arch] = (m.group(1), sm.group(1) if sm else '0', '/'.join(sf))
         cur = None

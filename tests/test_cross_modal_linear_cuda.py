@@ -4,7 +4,10 @@ Needs a CUDA device and the built extension (``M2PT_FORCE_CUDA_BUILD=1 python se
 --inplace``); skipped otherwise. Covers M in {1, 7, 64, 65, 197, 1576} (the GEMV path for M <= 64,
 the tiled path above), odd and ViT-sized K / N, bf16 / fp16 / fp32 ("highest" = FFMA, "high" = tf32),
 bias or none, λ of shape [1] or [N], every gradient, linear probing (only λ and x need gradients),
-batched and non-contiguous x, and determinism of dλ.
+batched and non-contiguous x, and determinism of dλ. The dgrad GEMV (M <= 64) alone through
+torch.ops.m2pt_cuda.dgrad: M in {1, 3, 64} against the tiled kernel at 65, strided dy, vector and
+scalar W / W' loads bit-identical, deterministic, fp32 FFMA whatever the tf32 flag, and the merged
+weight rounded once to the input dtype (forward GEMV too).
 """
 import functools
 
@@ -157,3 +160,86 @@ def test_empty_tokens():
     dw, daux, dlam, db = torch.ops.m2pt_cuda.wgrad(torch.randn(0, 17, device=DEVICE, dtype=torch.bfloat16), x, w, s,
                                                   True, True, True, True, False)
     assert dw.abs().sum() == 0 and dlam.abs().sum() == 0 and db.abs().sum() == 0
+
+
+# ---- dgrad for few tokens (gemv_dgrad_kernel, M <= 64) through the op itself -------------------------
+def dgrad64(dy, w, a, s):
+    return dy.double() @ (w.double() + s.double().view(-1, 1) * a.double())
+
+
+def dgrad_inputs(m, k, n, dtype, per_channel, strided_dy):
+    w = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    a = (torch.randn(n, k, device=DEVICE) / k ** 0.5).to(dtype)
+    s = torch.randn(n if per_channel else 1, device=DEVICE)
+    if strided_dy:  # every other column of a wider buffer: strides (2N, 2)
+        dy = torch.randn(m, 2 * n, device=DEVICE).to(dtype)[:, ::2]
+        assert not dy.is_contiguous()
+    else:
+        dy = torch.randn(m, n, device=DEVICE).to(dtype)
+    return dy, w, a, s
+
+
+def shifted(t):
+    """The same values at an odd element offset (not 16-byte aligned: the scalar loads)."""
+    buf = torch.empty(t.numel() + 1, device=t.device, dtype=t.dtype)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 64, 65])
+@pytest.mark.parametrize("k,n", [(37, 70), (768, 2304), (3072, 768)])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+@pytest.mark.parametrize("strided_dy", [False, True], ids=["dy", "dy-strided"])
+def test_dgrad_small_m_matches_reference(dtype, m, k, n, per_channel, strided_dy):
+    dy, w, a, s = dgrad_inputs(m, k, n, dtype, per_channel, strided_dy)
+    dx = torch.ops.m2pt_cuda.dgrad(dy, w, a, s, False)
+    assert dx.shape == (m, k) and dx.dtype == dtype and dx.is_contiguous()
+    assert rel_err(dx, dgrad64(dy, w, a, s)) < tolerance(dtype, DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [1, 64])
+def test_dgrad_gemv_vector_and_scalar_loads_agree(dtype, m):
+    """Aligned W / W' with K % (16 / itemsize) == 0: 16-byte loads; shifted copies: scalar loads, same
+    summation order, so bit-identical. Two runs are identical too (fixed-order reduction, no atomics)."""
+    dy, w, a, s = dgrad_inputs(m, 768, 2304, dtype, True, True)
+    vec = torch.ops.m2pt_cuda.dgrad(dy, w, a, s, False)
+    assert torch.equal(vec, torch.ops.m2pt_cuda.dgrad(dy, w, a, s, False)), "dgrad GEMV is not deterministic"
+    scalar = torch.ops.m2pt_cuda.dgrad(dy, shifted(w), shifted(a), s, False)
+    assert torch.equal(vec, scalar)
+    assert rel_err(vec, dgrad64(dy, w, a, s)) < tolerance(dtype, DEVICE)
+
+
+@pytest.mark.parametrize("m", [5, 64])
+def test_gemv_fp32_is_ffma_whatever_tf32(m):
+    """M <= 64: forward and dgrad GEMVs multiply fp32 with FFMA; allow_tf32 changes nothing."""
+    dy, w, a, s = dgrad_inputs(m, 768, 2304, torch.float32, False, False)
+    assert torch.equal(torch.ops.m2pt_cuda.dgrad(dy, w, a, s, True), torch.ops.m2pt_cuda.dgrad(dy, w, a, s, False))
+    x = torch.randn(m, 2304, device=DEVICE)
+    wt, at = w.t().contiguous(), a.t().contiguous()
+    assert torch.equal(torch.ops.m2pt_cuda.forward(x, wt, at, s, None, True),
+                       torch.ops.m2pt_cuda.forward(x, wt, at, s, None, False))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [8, 5], ids=["vector", "scalar"])
+@pytest.mark.parametrize("m", [1, 65], ids=["gemv", "tiled"])
+def test_merged_weight_rounded_once(dtype, k, m):
+    """W + λ·W' formed in fp32 and rounded once to the input dtype, as the reference's merged_weight:
+    W = 1 and λ·W' = 0.75 ulp(1) merge to 1 + ulp, and a difference with a weight of 1 leaves exactly
+    ulp (0.75 ulp if the merge were not rounded). Every other product and sum is exact."""
+    ulp = torch.finfo(dtype).eps
+    w = torch.ones(2, k, device=DEVICE, dtype=dtype)
+    a = torch.zeros(2, k, device=DEVICE, dtype=dtype)
+    a[0] = 0.75 * ulp
+    s = torch.tensor([1.0, 3.0], device=DEVICE)
+    dy = torch.zeros(m, 2, device=DEVICE, dtype=dtype)
+    dy[:, 0], dy[:, 1] = 1.0, -1.0
+    assert torch.equal(torch.ops.m2pt_cuda.dgrad(dy, w, a, s, False), torch.full((m, k), ulp, device=DEVICE, dtype=dtype))
+    x = torch.zeros(m, k, device=DEVICE, dtype=dtype)
+    x[:, 0], x[:, 1] = 1.0, -1.0
+    wf, af = torch.ones(1, k, device=DEVICE, dtype=dtype), torch.zeros(1, k, device=DEVICE, dtype=dtype)
+    af[0, 0] = 0.75 * ulp
+    y = torch.ops.m2pt_cuda.forward(x, wf, af, torch.ones(1, device=DEVICE), None, False)
+    assert torch.equal(y, torch.full((m, 1), ulp, device=DEVICE, dtype=dtype))

@@ -1,6 +1,7 @@
 """The CUDA kernels of csrc/cross_modal_linear.cu executed on the CPU by a host emulator, against the
 float64 reference: the kernels' indexing, tile edges, strides, merge, epilogues (bias, dW, dW' = λ·G,
-dλ partials + second reduction, fused db), the GEMV path for M <= 64 (vector and scalar loads).
+dλ partials + second reduction, fused db), the forward and dgrad GEMV paths for M <= 64 (vector and
+scalar loads, the rounding of the merged weight, fp32 FFMA whatever the tf32 flag).
 
 csrc/emulator/ runs each CUDA thread as a std::thread (blocks one after another, __syncthreads a
 barrier, warp shuffles through a per-warp barrier) and nvcuda::wmma as per-lane whole-tile fp32
@@ -203,3 +204,96 @@ def test_emulated_gemm_vector_and_scalar_tile_loads_agree(emu, dtype):
     for got, ref in zip(scalar, vec):
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
     check(vec, x, w, a, s, b, dy, TOL[dtype])
+
+
+def run_dgrad(emu, dy, w, a, s, *, tf32=False):
+    """dx of the emulated dgrad launcher alone (GEMV for M <= 64, tiled kernel above)."""
+    m, n = dy.shape
+    k = w.shape[1]
+    dx = torch.full((m, k), float("nan"), dtype=dy.dtype)
+    s32 = s.float().contiguous()  # held: the kernel reads it through a raw pointer
+    emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
+                  int(s.numel() > 1), _p(dx), DTYPES[dy.dtype], int(tf32))
+    return dx
+
+
+def shifted(t):
+    """The same values at an odd element offset: not 16-byte aligned, so the scalar loads."""
+    buf = torch.empty(t.numel() + 1, dtype=t.dtype)
+    buf[1:] = t.reshape(-1)
+    return buf[1:].view(t.shape)
+
+
+# dgrad around the GEMV / tile boundary: M = 1, 3 (one token group), 64 (all token groups: 8 for
+# bf16/fp16, 4 for fp32), 65 (the tiled kernel). K = 40: 16-byte loads of W / W' rows (K % 8 == 0);
+# K = 37: scalar loads and a partial last column block. N = 263 > 256 row groups: threads take several
+# rows; N = 70: some row groups get none.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [1, 3, 64, 65])
+@pytest.mark.parametrize("k,n", [(40, 263), (37, 70)])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+def test_emulated_dgrad_small_m(emu, dtype, m, k, n, per_channel):
+    x, w, a, s, b, dy = make(m, k, n, dtype, per_channel=per_channel, bias=False)
+    if (m + k) % 2 == 1:  # every other column of a wider buffer: strides (2N, 2), for M = 1 too
+        dy = torch.randn(m, 2 * n).to(dtype)[:, ::2]
+        assert not dy.is_contiguous()
+    dx = run_dgrad(emu, dy, w, a, s)
+    _, (dx64, *_) = reference64(x, w, a, s, None, dy)
+    assert dx.dtype == dtype
+    assert rel_err(dx, dx64) < TOL[dtype], rel_err(dx, dx64)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("m", [9, 64])
+def test_emulated_gemv_dgrad_vector_and_scalar_paths_agree(emu, dtype, m):
+    """Aligned W, W' with K % (16 / itemsize) == 0: uint4 row loads; the same W, W' at an odd element
+    offset: scalar loads. Same columns per thread and the same summation order, so bit-identical.
+    dy is column-major (strided) in both."""
+    x, w, a, s, b, dy = make(m, 48, 300, dtype, per_channel=True, bias=False, strided_dy=True)
+    dx_vec = run_dgrad(emu, dy, w, a, s)
+    dx_scalar = run_dgrad(emu, dy, shifted(w), shifted(a), s)
+    torch.testing.assert_close(dx_scalar, dx_vec, rtol=0, atol=0)
+    _, (dx64, *_) = reference64(x, w, a, s, None, dy)
+    assert rel_err(dx_vec, dx64) < TOL[dtype]
+
+
+@pytest.mark.parametrize("m", [5, 64])
+def test_emulated_gemv_fp32_is_ffma_whatever_tf32(emu, m):
+    """M <= 64: both GEMVs multiply fp32 with FFMA; the tf32 flag must change nothing (bit-identical)."""
+    x, w, a, s, b, dy = make(m, 44, 37, torch.float32, per_channel=False, bias=True)
+    y_hi, dx_hi = run_emulated(emu, x, w, a, s, b, dy)[:2]
+    y_tf, dx_tf = run_emulated(emu, x, w, a, s, b, dy, tf32=True)[:2]
+    torch.testing.assert_close(y_tf, y_hi, rtol=0, atol=0)
+    torch.testing.assert_close(dx_tf, dx_hi, rtol=0, atol=0)
+    check(run_emulated(emu, x, w, a, s, b, dy), x, w, a, s, b, dy, TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("k", [8, 5], ids=["vector", "scalar"])
+@pytest.mark.parametrize("m", [1, 65], ids=["gemv", "tiled"])
+def test_emulated_merged_weight_rounded_once(emu, dtype, k, m):
+    """W + λ·W' is formed in fp32 and rounded once to the input dtype, as the reference's
+    merged_weight does (and so the result of the tiled kernel and the GEMVs). Designed so only that
+    rounding is visible: W = 1, λ·W' = 0.75 ulp(1) merges to 1 + ulp after rounding (1 + 0.75 ulp in
+    fp32), and a difference of two weights of 1 cancels everything else: dx = ulp exactly, not 0.75 ulp
+    (same for y). Every product and sum here is exact in fp32."""
+    ulp = torch.finfo(dtype).eps
+    w = torch.ones(2, k, dtype=dtype)
+    a = torch.zeros(2, k, dtype=dtype)
+    a[0] = 0.75 * ulp                                  # exact in dtype
+    s = torch.tensor([1.0, 3.0])                       # λ per channel; λ[1]·W'[1] = 0
+    dy = torch.zeros(m, 2, dtype=dtype)
+    dy[:, 0], dy[:, 1] = 1.0, -1.0
+    dx = run_dgrad(emu, dy, w, a, s)
+    assert torch.equal(dx, torch.full((m, k), ulp, dtype=dtype)), dx[0]
+    # forward: y[:, 0] = Σ_k x·(W + λW')[0] with x = (1, -1, 0, ...): = (1 + ulp) - 1 = ulp
+    x = torch.zeros(m, k, dtype=dtype)
+    x[:, 0], x[:, 1] = 1.0, -1.0
+    wf = torch.ones(1, k, dtype=dtype)
+    af = torch.zeros(1, k, dtype=dtype)
+    af[0, 0] = 0.75 * ulp
+    y = torch.full((m, 1), float("nan"), dtype=dtype)
+    lam = torch.ones(1)  # held: the kernel reads it through a raw pointer
+    emu.emu_forward(_i(m), _i(1), _i(k), _p(x), _i(x.stride(0)), _i(x.stride(1)), _p(wf), _p(af),
+                    _p(lam), 0, None, _p(y), DTYPES[dtype], 0)
+    assert torch.equal(y, torch.full((m, 1), ulp, dtype=dtype)), y[0]
