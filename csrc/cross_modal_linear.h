@@ -49,7 +49,8 @@ struct GemmArgs {
 constexpr int kTileM = 64;
 constexpr int kTileN = 64;
 constexpr int kTileK = 32;
-// Token count up to which the forward uses the memory-bound GEMV kernel.
+// Token count up to which the forward and the dgrad use the memory-bound GEMV kernels (fp32: FFMA
+// whatever Fp32Math says).
 constexpr int64_t kGemvMaxM = 64;
 
 // y[M, N] = x · (W + λW')ᵀ + b. x: [M, K] strided (sx_m, sx_k); W, W': [N, K] contiguous; y contiguous.
