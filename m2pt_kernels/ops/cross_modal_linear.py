@@ -316,11 +316,13 @@ def cross_modal_linear(
                                      for t in (x, weight, aux_weight))
             if isinstance(bias, Tensor) and bias.is_floating_point():
                 bias = bias.to(dtype)
-    check_inputs(x, weight, aux_weight, cross_modal_scale, bias)
+    if not _valid_fast(x, weight, aux_weight, cross_modal_scale, bias):
+        check_inputs(x, weight, aux_weight, cross_modal_scale, bias)  # raises, naming what is wrong
     backend = _dispatch.resolve(x)
     if compiling:
         return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
-    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias, _impl(backend))
+    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias,
+                                        _dispatch.implementation(backend))
 
 
 # One C call that says whether autocast is on for any device type (eager only; the per-device check

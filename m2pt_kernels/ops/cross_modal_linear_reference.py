@@ -50,26 +50,35 @@ def wgrad(
     out: Optional[Tensor] = None,
 ):
     """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``)."""
-    # Few, fused ops: on the CPU this path must be no slower than the paper's autograd.
+    # Few, fused ops and few Python steps: on the CPU this path must be no slower than the paper's
+    # autograd, which runs natively.
     dw = daux = dscale = db = None
+    dt = dy2.dtype
+    # fp32 / fp64 with λ of the same dtype: every tensor is already in the compute dtype.
+    wide = dt is scale.dtype and (dt is torch.float32 or dt is torch.float64)
     if need_weight or need_aux or need_scale:
         g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
-        cd = _compute_dtype(g.dtype)
-        gc = _as(g, cd)
+        if wide:
+            gc, ac, lam = g, aux_weight, scale
+        else:
+            cd = _compute_dtype(dt)
+            gc, ac, lam = _as(g, cd), _as(aux_weight, cd), _as(scale, cd)
         if need_weight:
-            dw = _as(g, aux_weight.dtype)
+            dw = g
         if need_aux:
-            daux = _as(gc * _as(scale, cd).view(-1, 1), aux_weight.dtype)
+            daux = gc * lam.view(-1, 1)
+            if not wide:
+                daux = _as(daux, dt)
         if need_scale:
-            ac = _as(aux_weight, cd)
-            if scale.numel() == 1:  # one λ: Σ_{n,k} G ⊙ W' as a single dot product
+            if scale.shape[0] == 1:  # one λ: Σ_{n,k} G ⊙ W' as a single dot product
                 dscale = torch.dot(gc.reshape(-1), ac.reshape(-1)).view(1)
             else:
                 dscale = (gc * ac).sum(dim=1)
-            dscale = _as(dscale, scale.dtype)
+            if not wide:
+                dscale = _as(dscale, scale.dtype)
     if need_bias:
-        cd = _compute_dtype(dy2.dtype)
-        db = dy2.sum(dim=0) if dy2.dtype == cd else dy2.sum(dim=0, dtype=cd).to(dy2.dtype)
+        cd = dt if wide else _compute_dtype(dt)
+        db = dy2.sum(dim=0) if dt == cd else dy2.sum(dim=0, dtype=cd).to(dt)
     return dw, daux, dscale, db
 
 
