@@ -10,7 +10,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$(pwd)
-PY="$ROOT/.venv/bin/python"
+# M2PT_CI_PYTHON: build against another venv's torch (gpu_machine_stack.sh uses it for torch 2.11).
+PY="${M2PT_CI_PYTHON:-$ROOT/.venv/bin/python}"
 [ -x "$PY" ] || PY=$(command -v python3)
 
 if ! "$PY" - <<'PYEOF'
