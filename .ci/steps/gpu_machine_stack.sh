@@ -5,7 +5,8 @@
 # fail here, not there. Without a GPU this runs the Triton kernels under TRITON_INTERPRET=1 and
 # compiles every one of them ahead of time for sm_90 / sm_80 with triton 3.6's own compiler.
 #
-# A fresh venv (pip, from the same index as the README's install): torch 2.11.0 + torchvision
+# A fresh venv (Python 3.12 where there is one, as on the GPU machines; pip, from the same index
+# as the README's install): torch 2.11.0 + torchvision
 # 0.26.0, numpy < 2.3 (triton 3.6's interpreter converts 1-element arrays with int(), an error from
 # numpy 2.3 on), and the package's test extras; the package itself comes from the checkout
 # (PYTHONPATH), as it does for the README's editable install. Then the CUDA extension's wheel is
@@ -19,10 +20,25 @@ TORCH_VERSION="${M2PT_CI_GPU_TORCH:-2.11.0}"
 TORCHVISION_VERSION="${M2PT_CI_GPU_TORCHVISION:-0.26.0}"
 TRITON_VERSION="${M2PT_CI_GPU_TRITON:-3.6.0}"
 
+# The GPU machines run Python 3.12: use one when this machine has it (PATH or pyenv), else .venv's.
+GPU_PY="${M2PT_CI_GPU_PYTHON:-}"
+if [ -z "$GPU_PY" ]; then
+  for cand in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12 \
+              "$HOME"/.pyenv/versions/3.12*/bin/python3.12 /usr/bin/python3.12; do
+    if [ -n "$cand" ] && "$cand" -c "import sys, venv; assert sys.version_info[:2] == (3, 12)" 2>/dev/null; then
+      GPU_PY="$cand"; break
+    fi
+  done
+fi
+if [ -z "$GPU_PY" ]; then
+  echo "gpu_machine_stack: no Python 3.12 here; using $PY ($("$PY" -V 2>&1))"
+  GPU_PY="$PY"
+fi
+
 start=$(date +%s)
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
-"$PY" -m venv "$tmp/venv"
+"$GPU_PY" -m venv "$tmp/venv"
 extras=$("$PY" - <<'PYEOF'
 import importlib.util
 spec = importlib.util.spec_from_file_location("m2pt_setup", "setup.py")  # not __main__: no setup() call
@@ -41,9 +57,10 @@ if ! "$tmp/venv/bin/python" -m pip install --quiet --disable-pip-version-check \
   exit 1
 fi
 versions=$("$tmp/venv/bin/python" -c "import torch, triton; print(torch.__version__.split('+')[0], triton.__version__)")
+pyver=$("$tmp/venv/bin/python" -c "import platform; print(platform.python_version())")
 [ "$versions" = "$TORCH_VERSION $TRITON_VERSION" ] || {
   echo "gpu_machine_stack: got torch/triton $versions, wanted $TORCH_VERSION $TRITON_VERSION" >&2; exit 1; }
-echo "gpu_machine_stack: torch/triton $versions installed in $(( $(date +%s) - start )) s"
+echo "gpu_machine_stack: Python $pyver, torch/triton $versions installed in $(( $(date +%s) - start )) s"
 
 set +e
 PYTHONPATH="$ROOT" "$tmp/venv/bin/python" -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning tests \
