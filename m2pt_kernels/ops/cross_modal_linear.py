@@ -277,19 +277,18 @@ class _EagerCrossModalLinear(torch.autograd.Function):
         impl = ctx.impl
         dx = dw = daux = dscale = db = None
         dy2, x2 = (dy, x) if dy.dim() == 2 else (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
+        need_params = need_w or need_aux or need_scale or need_bias
         both = getattr(impl, "backward", None)
-        if both is not None and (need_w or need_aux or need_scale or need_bias):
+        if both is not None and need_params:
             dx, dw, daux, dscale, db = both(dy2, x2, weight, aux_weight, scale,
                                             need_x, need_w, need_aux, need_scale, need_bias)
-            if dx is not None and dy2 is not dy:
-                dx = _unflatten(dx, dy.shape[:-1])
-            return dx, dw, daux, dscale, db, None
-        if need_x:
-            dx = impl.dgrad(dy2, weight, aux_weight, scale)
-            if dy2 is not dy:
-                dx = _unflatten(dx, dy.shape[:-1])
-        if need_w or need_aux or need_scale or need_bias:
-            dw, daux, dscale, db = impl.wgrad(dy2, x2, aux_weight, scale, need_w, need_aux, need_scale, need_bias)
+        else:
+            if need_x:
+                dx = impl.dgrad(dy2, weight, aux_weight, scale)
+            if need_params:
+                dw, daux, dscale, db = impl.wgrad(dy2, x2, aux_weight, scale, need_w, need_aux, need_scale, need_bias)
+        if dx is not None and dy2 is not dy:
+            dx = _unflatten(dx, dy.shape[:-1])
         return dx, dw, daux, dscale, db, None
 
 
