@@ -216,6 +216,8 @@ def worker_main(argv=None) -> None:
             record = _worker_scenario(name, a.rank, a.world_size, device)
             torch.save(record, Path(a.out) / f"{name}.rank{a.rank}.pt")
     finally:
+        import gc
+        gc.collect()  # DDP reducers caught in reference cycles release the gloo group before it is destroyed
         dist.destroy_process_group()
 
 
