@@ -256,26 +256,28 @@ class _EagerCrossModalLinear(torch.autograd.Function):
     """The same op and autograd as the registered one, without the custom-op wrapping.
 
     In eager mode ``torch.library``'s dispatch costs several times a small GEMM's runtime per
-    call, and every Python layer between the user and the backend is paid twice per step (on the
+    call, and every Python step between the user and the backend is paid twice per step (on the
     CPU its cost also evicts the GEMM operands from cache): this path calls the backend module
     directly and keeps only the reshapes it needs. ``torch.compile`` traces the registered op.
+    Each backend gets its own subclass (``_eager_function``) with the module as a class attribute,
+    so nothing but tensors goes through ``apply`` and ``ctx``.
     """
 
-    @staticmethod
-    def forward(ctx, x, weight, aux_weight, scale, bias, impl):
+    impl = None  # the backend module, set on each subclass
+
+    @classmethod
+    def forward(cls, ctx, x, weight, aux_weight, scale, bias):
         ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
-        ctx.impl = impl
         if x.dim() == 2:
-            return impl.forward(x, weight, aux_weight, scale, bias)
-        y2 = impl.forward(x.reshape(-1, weight.shape[1]), weight, aux_weight, scale, bias)
+            return cls.impl.forward(x, weight, aux_weight, scale, bias)
+        y2 = cls.impl.forward(x.reshape(-1, weight.shape[1]), weight, aux_weight, scale, bias)
         return _unflatten(y2, x.shape[:-1])
 
-    @staticmethod
-    def backward(ctx, dy):
+    @classmethod
+    def backward(cls, ctx, dy):
         x, weight, aux_weight, scale = ctx.saved_tensors
-        need_x, need_w, need_aux, need_scale, need_bias, _ = ctx.needs_input_grad
-        impl = ctx.impl
-        dx = dw = daux = dscale = db = None
+        need_x, need_w, need_aux, need_scale, need_bias = ctx.needs_input_grad
+        impl = cls.impl
         dy2, x2 = (dy, x) if dy.dim() == 2 else (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
         need_params = need_w or need_aux or need_scale or need_bias
         both = getattr(impl, "backward", None)
@@ -283,13 +285,26 @@ class _EagerCrossModalLinear(torch.autograd.Function):
             dx, dw, daux, dscale, db = both(dy2, x2, weight, aux_weight, scale,
                                             need_x, need_w, need_aux, need_scale, need_bias)
         else:
+            dx = dw = daux = dscale = db = None
             if need_x:
                 dx = impl.dgrad(dy2, weight, aux_weight, scale)
             if need_params:
                 dw, daux, dscale, db = impl.wgrad(dy2, x2, aux_weight, scale, need_w, need_aux, need_scale, need_bias)
         if dx is not None and dy2 is not dy:
             dx = _unflatten(dx, dy.shape[:-1])
-        return dx, dw, daux, dscale, db, None
+        return dx, dw, daux, dscale, db
+
+
+_eager_functions: dict[str, type] = {}
+
+
+def _eager_function(backend: str) -> type:
+    fn = _eager_functions.get(backend)
+    if fn is None:
+        fn = _eager_functions[backend] = type(
+            f"_EagerCrossModalLinear_{backend}", (_EagerCrossModalLinear,),
+            {"impl": _dispatch.implementation(backend), "__module__": __name__})
+    return fn
 
 
 def cross_modal_linear(
@@ -320,8 +335,8 @@ def cross_modal_linear(
     backend = _dispatch.resolve(x)
     if compiling:
         return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
-    return _EagerCrossModalLinear.apply(x, weight, aux_weight, cross_modal_scale, bias,
-                                        _dispatch.implementation(backend))
+    fn = _eager_functions.get(backend) or _eager_function(backend)
+    return fn.apply(x, weight, aux_weight, cross_modal_scale, bias)
 
 
 # One C call that says whether autocast is on for any device type (eager only; the per-device check

@@ -26,13 +26,19 @@ def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _rows(scale: Tensor) -> Tensor:
+    """λ broadcastable against [N, K]: a [1] λ broadcasts as it is (no view to make: this runs on
+    every call), a per-channel [N] λ becomes a column."""
+    return scale if scale.shape[0] == 1 else scale.view(-1, 1)
+
+
 def merged_weight(weight: Tensor, aux_weight: Tensor, scale: Tensor, dtype: torch.dtype) -> Tensor:
     """W + λ·W' computed in fp32 (fp64 for fp64 inputs) and cast once to ``dtype``."""
     wd = weight.dtype
     if wd is dtype and wd is scale.dtype and (wd is torch.float32 or wd is torch.float64):
-        return torch.addcmul(weight, aux_weight, scale.view(-1, 1))  # already the compute dtype
+        return torch.addcmul(weight, aux_weight, _rows(scale))  # already the compute dtype
     cd = _compute_dtype(wd)
-    merged = torch.addcmul(_as(weight, cd), _as(aux_weight, cd), _as(scale, cd).view(-1, 1))
+    merged = torch.addcmul(_as(weight, cd), _as(aux_weight, cd), _rows(_as(scale, cd)))
     return _as(merged, dtype)
 
 
@@ -66,7 +72,7 @@ def wgrad(
         if need_weight:
             dw = g
         if need_aux:
-            daux = gc * lam.view(-1, 1)
+            daux = gc * _rows(lam)
             if not wide:
                 daux = _as(daux, dt)
         if need_scale:
@@ -88,11 +94,35 @@ def backward(
 ):
     """``dgrad`` and ``wgrad`` in one call, for the eager path: G is written into the merged-weight
     buffer that dx was computed from (dead by then, fresh, and of G's shape and dtype), so the
-    backward allocates one weight-sized tensor fewer, which on the CPU is measurable at ViT widths."""
+    backward allocates one weight-sized tensor fewer, which on the CPU is measurable at ViT widths.
+
+    fp32 / fp64 (every tensor already in its compute dtype) take a flat copy of the same math: each
+    Python step here is paid on every layer of every step, and at ViT-Ti widths on the CPU they add
+    up to a few percent of the layer's time."""
+    dt = dy2.dtype
+    if dt is weight.dtype and dt is scale.dtype and (dt is torch.float32 or dt is torch.float64) \
+            and not torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
+        lam = scale if scale.shape[0] == 1 else scale.view(-1, 1)
+        dx = buf = g = dw = daux = dscale = db = None
+        if need_x:
+            buf = torch.addcmul(weight, aux_weight, lam)
+            dx = torch.mm(dy2, buf)
+        if need_weight or need_aux or need_scale:
+            g = torch.mm(dy2.t(), x2, out=buf) if buf is not None else torch.mm(dy2.t(), x2)
+            if need_weight:
+                dw = g
+            if need_aux:
+                daux = g * lam
+            if need_scale:
+                dscale = (torch.dot(g.view(-1), aux_weight.view(-1)).view(1) if lam is scale
+                          else (g * aux_weight).sum(1))
+        if need_bias:
+            db = dy2.sum(0)
+        return dx, dw, daux, dscale, db
     dx = buf = None
     if need_x:
-        buf = merged_weight(weight, aux_weight, scale, dy2.dtype)
+        buf = merged_weight(weight, aux_weight, scale, dt)
         dx = dy2 @ buf
-    if torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
+    if torch.is_grad_enabled():
         buf = None
     return (dx,) + wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, out=buf)
