@@ -8,8 +8,9 @@ mode by default). One run times every provider side by side on the same random i
   materializes ``W + λ·W'``, autograd does the rest), cast to the case's dtype like ``model.to()``;
 - ``paper_compiled``: the same layer under ``torch.compile`` (M marked dynamic: one compile per
   weight shape);
-- ours: ``m2pt_kernels.cross_modal_linear`` under ``use_backend(name)`` for ``auto``, ``triton``,
-  ``cuda`` and ``reference``.
+- ours: the drop-in layer (:class:`m2pt_kernels.layers.FusedCrossModalLinear`, which calls
+  ``m2pt_kernels.cross_modal_linear``), called as a module like the paper's, under
+  ``use_backend(name)`` for ``auto``, ``triton``, ``cuda`` and ``reference``.
 
 Passes: ``fwd`` (training forward, autograd recording), ``bwd`` (backward alone; the forward runs
 untimed before each repeat), ``fwd+bwd``, and ``probe`` (linear probing: only λ and x need
@@ -439,13 +440,21 @@ def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str
         torch._dynamo.maybe_mark_dynamic(x, 0)
         return _Instance(lambda: compiled(layer, x), x, data["dy"], grads)
     if provider in OURS:
-        w = data["w"].clone().requires_grad_(not probe)
-        aux = data["aux"].clone().requires_grad_(c.aux_trainable and not probe)
-        lam = data["lam"].clone().requires_grad_(True)
-        b = data["b"].clone().requires_grad_(not probe)
-
-        return _Instance(lambda: cross_modal_linear(x, w, aux, lam, b), x, data["dy"],
-                         [t for t in (x, w, aux, lam, b) if t.requires_grad], backend=provider)
+        # The drop-in layer, called as a module like the paper's: the comparison users make, with
+        # the same per-call Python on both sides (module call, parameter reads).
+        from .layers import FusedCrossModalLinear
+        layer = FusedCrossModalLinear(c.K, c.N, bias=True, aux_weight=data["aux"],
+                                      aux_trainable=c.aux_trainable and not probe,
+                                      device=data["w"].device, dtype=data["w"].dtype)
+        with torch.no_grad():
+            layer.weight.copy_(data["w"])
+            layer.bias.copy_(data["b"])
+            layer.cross_modal_scale.copy_(data["lam"])  # λ stays fp32 (the layer keeps it so)
+        if probe:
+            layer.weight.requires_grad_(False)
+            layer.bias.requires_grad_(False)
+        grads = [x] + [p for p in layer.parameters() if p.requires_grad]
+        return _Instance(lambda: layer(x), x, data["dy"], grads, backend=provider)
     raise ValueError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
 
 
