@@ -40,7 +40,7 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -413,7 +413,6 @@ def _random_set(c: Case, device, gen: torch.Generator):
 
 def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str]) -> _Instance:
     from .baselines import PaperCrossModalReparamLinear
-    from .ops.cross_modal_linear import cross_modal_linear
     probe = c.pass_ == "probe"
     x = data["x"].clone().requires_grad_(True)
     if provider == "plain":

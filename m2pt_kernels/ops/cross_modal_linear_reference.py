@@ -102,7 +102,7 @@ def backward(
     dt = dy2.dtype
     if dt is weight.dtype and dt is scale.dtype and (dt is torch.float32 or dt is torch.float64) \
             and not torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
-        lam = scale if scale.shape[0] == 1 else scale.view(-1, 1)
+        lam = _rows(scale)  # λ itself when it has shape [1]
         dx = buf = g = dw = daux = dscale = db = None
         if need_x:
             buf = torch.addcmul(weight, aux_weight, lam)
