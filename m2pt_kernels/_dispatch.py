@@ -95,6 +95,9 @@ def use_backend(name: str) -> Iterator[str]:
         _override.pop()
 
 
+_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
+
+
 def _env_backend() -> str | None:
     """``os.environ.get(ENV_VAR)`` without its cost: that misses with a KeyError raised and caught
     inside ``os.environ`` on every op call when the variable is unset. ``os.environ`` keeps its
@@ -104,9 +107,6 @@ def _env_backend() -> str | None:
         return os.environ.get(ENV_VAR)
     raw = data.get(_ENV_KEY)
     return None if raw is None else os.environ.decodevalue(raw)
-
-
-_ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
 
 
 def requested_backend() -> str:

@@ -330,13 +330,11 @@ def cross_modal_linear(
                                      for t in (x, weight, aux_weight))
             if isinstance(bias, Tensor) and bias.is_floating_point():
                 bias = bias.to(dtype)
-    if not _valid_fast(x, weight, aux_weight, cross_modal_scale, bias):
-        check_inputs(x, weight, aux_weight, cross_modal_scale, bias)  # raises, naming what is wrong
+    check_inputs(x, weight, aux_weight, cross_modal_scale, bias)  # one fast check when all is well
     backend = _dispatch.resolve(x)
     if compiling:
         return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
-    fn = _eager_functions.get(backend) or _eager_function(backend)
-    return fn.apply(x, weight, aux_weight, cross_modal_scale, bias)
+    return _eager_function(backend).apply(x, weight, aux_weight, cross_modal_scale, bias)
 
 
 # One C call that says whether autocast is on for any device type (eager only; the per-device check

@@ -55,35 +55,25 @@ def wgrad(
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
     out: Optional[Tensor] = None,
 ):
-    """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``)."""
-    # Few, fused ops and few Python steps: on the CPU this path must be no slower than the paper's
-    # autograd, which runs natively.
+    """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``). Reductions and
+    dW' in the compute dtype (``_as`` casts only where the dtypes differ)."""
     dw = daux = dscale = db = None
     dt = dy2.dtype
-    # fp32 / fp64 with λ of the same dtype: every tensor is already in the compute dtype.
-    wide = dt is scale.dtype and (dt is torch.float32 or dt is torch.float64)
+    cd = _compute_dtype(dt)
     if need_weight or need_aux or need_scale:
         g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
-        if wide:
-            gc, ac, lam = g, aux_weight, scale
-        else:
-            cd = _compute_dtype(dt)
-            gc, ac, lam = _as(g, cd), _as(aux_weight, cd), _as(scale, cd)
+        gc, ac, lam = _as(g, cd), _as(aux_weight, cd), _as(scale, cd)
         if need_weight:
             dw = g
         if need_aux:
-            daux = gc * _rows(lam)
-            if not wide:
-                daux = _as(daux, dt)
+            daux = _as(gc * _rows(lam), dt)
         if need_scale:
             if scale.shape[0] == 1:  # one λ: Σ_{n,k} G ⊙ W' as a single dot product
                 dscale = torch.dot(gc.reshape(-1), ac.reshape(-1)).view(1)
             else:
                 dscale = (gc * ac).sum(dim=1)
-            if not wide:
-                dscale = _as(dscale, scale.dtype)
+            dscale = _as(dscale, scale.dtype)
     if need_bias:
-        cd = dt if wide else _compute_dtype(dt)
         db = dy2.sum(dim=0) if dt == cd else dy2.sum(dim=0, dtype=cd).to(dt)
     return dw, daux, dscale, db
 
@@ -96,9 +86,10 @@ def backward(
     buffer that dx was computed from (dead by then, fresh, and of G's shape and dtype), so the
     backward allocates one weight-sized tensor fewer, which on the CPU is measurable at ViT widths.
 
-    fp32 / fp64 (every tensor already in its compute dtype) take a flat copy of the same math: each
-    Python step here is paid on every layer of every step, and at ViT-Ti widths on the CPU they add
-    up to a few percent of the layer's time."""
+    fp32 / fp64 (every tensor already in its compute dtype: no casts) take a flat copy of the same
+    math: each Python step here is paid on every layer of every step, and at ViT-Ti widths on the CPU
+    they add up to a few percent of the layer's time. ``wgrad`` serves the rest (bf16 / fp16, double
+    backward) and the registered op."""
     dt = dy2.dtype
     if dt is weight.dtype and dt is scale.dtype and (dt is torch.float32 or dt is torch.float64) \
             and not torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
