@@ -385,6 +385,36 @@ def test_copy_and_pickle_with_cache():
     torch.save(layer, buf)
 
 
+class _Doubled(nn.Module):
+    def forward(self, t):
+        return 2 * t
+
+
+@pytest.mark.parametrize("aux_trainable", [True, False])
+@pytest.mark.parametrize("name", ["weight", "aux_weight", "cross_modal_scale", "bias"])
+def test_forward_reads_parametrized_and_substituted_tensors(name, aux_trainable):
+    """The forward reads W, W', λ, b from the module's dicts; whatever moves a name out of them
+    (a parametrization, here of one tensor at a time) or swaps the tensors in them
+    (functional_call) must still be honoured."""
+    from torch.nn.utils import parametrize
+    from torch.func import functional_call
+
+    _, _, layer = make_layer(aux_trainable=aux_trainable, lam=torch.randn(1))
+    x = torch.randn(3, IN)
+    expect = ref64(layer, x)
+    parametrize.register_parametrization(layer, name, _Doubled())
+    y = layer(x)
+    assert rel_err(y, ref64(layer, x)) < 1e-5  # ref64 reads layer.<name>: the parametrized tensor
+    assert rel_err(y, expect) > 1e-2  # which changed the output
+
+    _, _, layer = make_layer(aux_trainable=aux_trainable, lam=torch.randn(1))
+    swapped = {"weight": torch.randn(OUT, IN), "aux_weight": torch.randn(OUT, IN),
+               "cross_modal_scale": torch.randn(1), "bias": torch.randn(OUT)}
+    y = functional_call(layer, swapped, (x,))
+    expect = F.linear(x.double(), (swapped["weight"] + swapped["cross_modal_scale"] * swapped["aux_weight"]).double(),
+                      swapped["bias"].double())
+    assert rel_err(y, expect) < 1e-5
+
 # ---------------------------------------------------------------------------- backends, compile, checkpointing
 def test_triton_backend_small():
     if "triton" not in m2pt_kernels.available_backends():
