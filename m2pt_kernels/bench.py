@@ -763,7 +763,11 @@ def merge_bench_pathways(model: nn.Module) -> tuple[nn.Module, str]:
 
 def run_whole_model(device, args, peaks: dict) -> tuple[dict, dict]:
     """Training step (forward, backward, AdamW) of a ViT without pathways, with the paper's layers and
-    with ours; then inference after merging ours against the plain model."""
+    with ours; then inference after merging ours against the plain model.
+
+    Every variant is built (and, on a GPU, its memory measured) first; then their timed steps are
+    interleaved in ``--rounds`` rounds like the layer providers', so a drift in the machine's clocks
+    or load hits them alike and the ratios are measured side by side."""
     cfg = dict(VIT_CONFIGS["tiny" if args.tiny or device.type != "cuda" else "vit_b16"])
     if device.type != "cuda" and not args.tiny:
         cfg.update(img=64, patch=16, width=192, depth=2, heads=3)  # a ViT-Ti-width stand-in, 2 blocks
@@ -777,59 +781,90 @@ def run_whole_model(device, args, peaks: dict) -> tuple[dict, dict]:
     labels = [torch.randint(0, cfg["classes"], (batch,), generator=gen).to(device) for _ in range(2)]
     tokens = batch * base.tokens
     out = {"config": cfg, "batch": batch, "tokens_per_step": tokens,
-           "autocast": "bf16" if amp else None, "optimizer": "AdamW", "variants": {}, "errors": {}}
+           "autocast": "bf16" if amp else None, "optimizer": "AdamW", "interleaved_rounds": max(1, args.rounds),
+           "variants": {}, "errors": {}}
     variants = [("plain", None, None), ("paper", "paper", True), ("ours", "ours", True),
                 ("paper_aux_frozen", "paper", False), ("ours_aux_frozen", "ours", False)]
-    ours_model = None
+    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
+
+    def fail(name, exc):
+        out["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
+        out["variants"].pop(name, None)
+        steps.pop(name, None)
+        print(f"  whole model {name}: FAILED {out['errors'][name]}", flush=True)
+
+    steps: dict = {}  # name -> step(i), for the variants built without error
+    models: dict = {}
     for name, kind, aux_trainable in variants:
         try:
+            before = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
             model = BenchViT(**cfg).to(device)
             model.load_state_dict(state)
             layer_cls = "torch.nn.Linear"
             if kind is not None:
                 layer_cls = add_bench_pathways(model, kind, aux_trainable, gen)
             opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-            ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else contextlib.nullcontext
 
-            def step(i, model=model, opt=opt, ctx=ctx):
+            def step(i, model=model, opt=opt):
                 opt.zero_grad(set_to_none=True)
                 with ctx():
                     logits = model(imgs[i % 2])
                 F.cross_entropy(logits.float(), labels[i % 2]).backward()
                 opt.step()
 
-            step(0)
+            step(0)  # creates the optimizer state and the gradients
             _sync(device)
-            resident = torch.cuda.memory_allocated(device) if device.type == "cuda" else None
-            if device.type == "cuda":
+            rec = {"layer": layer_cls,
+                   "n_params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                   "peak_mb": None}
+            if device.type == "cuda":  # this variant's own memory: from before its model to its step's peak
+                resident = torch.cuda.memory_allocated(device)
                 torch.cuda.reset_peak_memory_stats(device)
-            times = time_loop(step, device, warmup=2, reps=args.model_reps,
-                              target_s=1.0 if device.type == "cuda" else (0.2 if args.tiny else 0.5),
-                              min_reps=5, max_reps=30)
-            ms, spread = summarize(times)
-            rec = {"layer": layer_cls, "ms": ms, "ms_spread": spread, "reps": len(times),
-                   "tokens_per_s": tokens / (ms * 1e-3),
-                   "n_params_trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-            if device.type == "cuda":
-                rec["peak_mb"] = torch.cuda.max_memory_allocated(device) / MB
+                step(1)
+                _sync(device)
+                rec["peak_mb"] = (torch.cuda.max_memory_allocated(device) - before) / MB
                 rec["peak_above_resident_mb"] = (torch.cuda.max_memory_allocated(device) - resident) / MB
-            else:
-                rec["peak_mb"] = None
             out["variants"][name] = rec
-            if name == "ours":
-                ours_model = model
-            del opt
+            steps[name], models[name] = step, model
         except Exception as exc:
-            out["errors"][name] = f"{type(exc).__name__}: {exc}"[:500]
-            print(f"  whole model {name}: FAILED {out['errors'][name]}", flush=True)
-        print(f"  whole model {name}: " + (f"{out['variants'][name]['ms']:.3f} ms/step"
-                                           if name in out["variants"] else "failed"), flush=True)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+            fail(name, exc)
+
+    # Repeats per variant: --model-reps in all, or about target_s of the slowest variant's steps.
+    per = 0.0
+    for name in list(steps):
+        try:
+            t0 = time.perf_counter()
+            time_loop(steps[name], device, warmup=2, reps=1)
+            per = max(per, (time.perf_counter() - t0) / 3)
+        except Exception as exc:
+            fail(name, exc)
+    target_s = 1.0 if device.type == "cuda" else (0.2 if args.tiny else 0.5)
+    total = args.model_reps or int(min(30, max(5, target_s / max(per, 1e-6))))
+    rounds = max(1, args.rounds)
+    per_round = max(1, math.ceil(total / rounds))
+    times: dict = {name: [] for name in steps}
+    for r in range(rounds):
+        for name in list(steps):
+            try:
+                times[name] += time_loop(lambda i, f=steps[name], o=r * per_round: f(i + o), device,
+                                         warmup=0, reps=per_round)
+            except Exception as exc:
+                fail(name, exc)
+    for name in steps:
+        ms, spread = summarize(times[name])
+        out["variants"][name].update({"ms": ms, "ms_spread": spread, "reps": len(times[name]),
+                                      "tokens_per_s": tokens / (ms * 1e-3)})
+        print(f"  whole model {name}: {ms:.3f} ms/step", flush=True)
     v = out["variants"]
     if "plain" in v:
         for name in v:
             v[name]["x_plain"] = v[name]["ms"] / v["plain"]["ms"]
+    ours_model = models.get("ours")
+    for name in [n for n in models if n != "ours"]:
+        del models[name]
+    steps.clear()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     merge = run_merge_inference(ours_model, base, state, imgs, device, amp) if ours_model is not None else {
         "error": "the 'ours' whole-model variant did not run"}
     return out, merge
