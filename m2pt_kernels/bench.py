@@ -37,6 +37,8 @@ import json
 import math
 import os
 import platform
+import random
+import statistics
 import subprocess
 import sys
 import time
@@ -507,6 +509,7 @@ class _Runner:
             self.step, self.setup = fwd_bwd, clear
         self.reps_per_round = 0
         self.times: list[float] = []
+        self.round_ms: list[float] = []  # each round's mean, for the paired ratios
         self.peak: Optional[float] = None
 
     def prepare(self, rounds: int) -> None:
@@ -539,8 +542,10 @@ class _Runner:
 
     def timed_round(self, offset: int) -> None:
         with self.insts[0].backend_ctx():
-            self.times += time_loop(lambda i: self.step(i + offset), self.device,
-                                    setup=lambda i: self.setup(i + offset), warmup=0, reps=self.reps_per_round)
+            times = time_loop(lambda i: self.step(i + offset), self.device,
+                              setup=lambda i: self.setup(i + offset), warmup=0, reps=self.reps_per_round)
+        self.times += times
+        self.round_ms.append(sum(times) / len(times))
 
     def close(self) -> None:
         for inst in self.insts:
@@ -548,9 +553,31 @@ class _Runner:
         self.insts = []
 
 
+def paired_ratio(num_ms: list[float], den_ms: list[float], n_boot: int = 2000) -> Optional[dict]:
+    """Median over rounds of ``num / den`` (each round's mean times, measured side by side) and a
+    bootstrap 95% interval of that median (fixed seed: a file's numbers can be recomputed). A
+    drift in clocks or load between rounds cancels in each round's ratio, which the ratio of the
+    two overall medians does not do."""
+    ratios = sorted(a / b for a, b in zip(num_ms, den_ms) if a > 0 and b > 0)
+    if not ratios:
+        return None
+    rng = random.Random(len(ratios))
+    boot = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n_boot))
+    return {"median": statistics.median(ratios), "ci95": [boot[int(0.025 * n_boot)], boot[int(0.975 * n_boot) - 1]],
+            "rounds": len(ratios)}
+
+
+def _rotated(names: list, r: int) -> list:
+    """Round ``r``'s order: the list rotated by ``r``, so no provider always runs right after
+    another one (whose caches, clocks and allocator state it would inherit)."""
+    k = r % len(names) if names else 0
+    return names[k:] + names[:k]
+
+
 def run_case(c: Case, providers: list[str], status: dict, device, args, peaks: dict) -> dict:
     """Time every provider on one case. The providers' repeats are interleaved in rounds
-    (``--rounds``), so a change in the machine's load or clocks during the case hits them alike."""
+    (``--rounds``), so a change in the machine's load or clocks during the case hits them alike, and
+    their order rotates from round to round."""
     gen = torch.Generator(device=device).manual_seed(sum(map(ord, repr(c.key()))) * 7919 + 1)
     nsets = n_input_sets(c, device)
     sets = [_random_set(c, device, gen) for _ in range(nsets)]
@@ -588,14 +615,18 @@ def run_case(c: Case, providers: list[str], status: dict, device, args, peaks: d
             if p == "paper_compiled":
                 args._compile_spent += time.perf_counter() - t0
     offset = 0
-    for _ in range(rounds):
-        for p in list(runners):
+    for r in range(rounds):
+        for p in _rotated(list(runners), r):
             try:
                 runners[p].timed_round(offset)
             except Exception as exc:
                 fail(p, exc)
                 runners.pop(p).close()
         offset += max((r.reps_per_round for r in runners.values()), default=0)
+    paper = runners.get("paper")
+    if paper is not None and len(runners) > 1:
+        rec["paired_x_paper"] = {p: paired_ratio(r.round_ms, paper.round_ms)
+                                 for p, r in runners.items() if p != "paper" and len(r.round_ms) == len(paper.round_ms)}
     for p, r in runners.items():
         ms, spread = summarize(r.times)
         rec["ms"][p] = ms
@@ -843,13 +874,16 @@ def run_whole_model(device, args, peaks: dict) -> tuple[dict, dict]:
     rounds = max(1, args.rounds)
     per_round = max(1, math.ceil(total / rounds))
     times: dict = {name: [] for name in steps}
+    round_ms: dict = {name: [] for name in steps}
     for r in range(rounds):
-        for name in list(steps):
+        for name in _rotated(list(steps), r):
             try:
-                times[name] += time_loop(lambda i, f=steps[name], o=r * per_round: f(i + o), device,
-                                         warmup=0, reps=per_round)
+                t = time_loop(lambda i, f=steps[name], o=r * per_round: f(i + o), device, warmup=0, reps=per_round)
             except Exception as exc:
                 fail(name, exc)
+                continue
+            times[name] += t
+            round_ms[name].append(sum(t) / len(t))
     for name in steps:
         ms, spread = summarize(times[name])
         out["variants"][name].update({"ms": ms, "ms_spread": spread, "reps": len(times[name]),
@@ -859,6 +893,9 @@ def run_whole_model(device, args, peaks: dict) -> tuple[dict, dict]:
     if "plain" in v:
         for name in v:
             v[name]["x_plain"] = v[name]["ms"] / v["plain"]["ms"]
+    out["paired"] = {f"{a}/{b}": paired_ratio(round_ms[a], round_ms[b])
+                     for a, b in (("ours", "paper"), ("ours_aux_frozen", "paper_aux_frozen"), ("ours", "plain"))
+                     if a in steps and b in steps}
     ours_model = models.get("ours")
     for name in [n for n in models if n != "ours"]:
         del models[name]
@@ -979,9 +1016,12 @@ def evaluate_targets(res: dict) -> list[dict]:
     if not gpu:  # the reference backend's CPU requirement (informational)
         for c in res.get("cases", []):
             if c["dtype"] == "fp32" and c["pass"] == "fwd+bwd" and "reference" in c["ms"] and "paper" in c["ms"]:
-                r = c["ms"]["reference"] / c["ms"]["paper"]
+                paired = (c.get("paired_x_paper") or {}).get("reference")
+                r = paired["median"] if paired else c["ms"]["reference"] / c["ms"]["paper"]
+                how = (f"paired per-round ratio {r:.3f} (95% CI {paired['ci95'][0]:.3f}-{paired['ci95'][1]:.3f}, "
+                       f"{paired['rounds']} rounds); " if paired else "")
                 add("CPU: reference no slower than paper (fwd+bwd fp32)", c, "met" if r <= 1.0 else "missed", r, 1.0,
-                    f"reference {c['ms']['reference']:.3f} ms vs paper {c['ms']['paper']:.3f} ms")
+                    how + f"reference {c['ms']['reference']:.3f} ms vs paper {c['ms']['paper']:.3f} ms")
     for t in out:
         t["informational"] = not gpu
     return out
@@ -1060,6 +1100,15 @@ def _fmt_ms(v: Optional[float]) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _paired_cell(paired: dict) -> str:
+    """The first of our providers with a paired ratio: ``auto 0.71 (0.70–0.72)``."""
+    for p in ("auto", "triton", "cuda", "reference"):
+        r = paired.get(p)
+        if r:
+            return f"{p} {r['median']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
+    return "-"
+
+
 def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priority: Optional[int] = None) -> str:
     """The results as markdown: per case, each provider's median ms and its ratio to ``plain``;
     then the whole-model step and the merged-inference check. ``max_priority=0``: only the main
@@ -1077,7 +1126,10 @@ def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priorit
         lines.append(f"Host load average at start / end: {host.get('loadavg_start')} / {host.get('loadavg_end')} "
                      f"on {host.get('cpu_count')} cores, {host.get('torch_threads')} torch thread(s).")
     lines.append("")
+    paired = any(c.get("paired_x_paper") for c in cases)
     head = ["model", "layer", "M", "K→N", "dtype", "pass", "aux"] + providers
+    if paired:
+        head.append("ours ÷ paper, per round (95% CI)")
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "---|" * len(head))
     for c in cases:
@@ -1090,6 +1142,8 @@ def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priorit
                 cells.append("err" if p in c.get("errors", {}) else "-")
             else:
                 cells.append(_fmt_ms(v) + (f" ({v / plain:.2f}×)" if plain else ""))
+        if paired:
+            cells.append(_paired_cell(c.get("paired_x_paper") or {}))
         lines.append("| " + " | ".join(cells) + " |")
     wm = res.get("whole_model") or {}
     if wm.get("variants"):
@@ -1101,6 +1155,11 @@ def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priorit
             pk = "-" if v.get("peak_mb") is None else f"{v['peak_mb']:.0f}"
             lines.append(f"| {name} | {_fmt_ms(v['ms'])} | {v.get('x_plain', float('nan')):.3f} | "
                          f"{v['tokens_per_s']:.4g} | {pk} |")
+        pairs = [f"{k} {r['median']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
+                 for k, r in (wm.get("paired") or {}).items() if r]
+        if pairs:
+            lines += ["", f"Paired per-round ratios ({wm.get('interleaved_rounds')} interleaved rounds, 95% CI): "
+                          + "; ".join(pairs)]
     mi = res.get("merge_inference") or {}
     if "merged_x_plain" in mi:
         lines += ["", f"Inference after merge ({mi['merged_with']}): module types identical to plain: "

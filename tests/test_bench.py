@@ -69,6 +69,32 @@ def test_quantile_matches_numpy():
     assert lo <= med <= hi
 
 
+def test_paired_ratio_cancels_drift_between_rounds():
+    # Ours is 3% faster than paper in every round, while the machine slows down 40% over the run and
+    # the two sides' samples are spread unevenly over it: the paired ratio sees 0.97, the ratio of
+    # the two overall medians does not.
+    slow = [1.0 + 0.4 * r / 19 for r in range(20)]
+    paper = [2.0 * s for s in slow]
+    ours = [0.97 * 2.0 * s for s in slow]
+    r = bench.paired_ratio(ours, paper)
+    assert math.isclose(r["median"], 0.97, rel_tol=1e-12) and r["rounds"] == 20
+    assert r["ci95"][0] <= 0.97 <= r["ci95"][1]
+    skewed = bench.quantile(ours[10:] + ours[10:], 0.5) / bench.quantile(paper, 0.5)
+    assert skewed > 1.0  # what unpaired medians make of the same machine
+    noisy = bench.paired_ratio([o * (1 + 0.02 * (-1) ** i) for i, o in enumerate(ours)], paper)
+    assert noisy["ci95"][0] < noisy["median"] < noisy["ci95"][1]
+    assert noisy == bench.paired_ratio([o * (1 + 0.02 * (-1) ** i) for i, o in enumerate(ours)], paper)  # seeded
+    assert bench.paired_ratio([], []) is None
+
+
+def test_rotated_order_puts_every_provider_after_every_other():
+    names = ["plain", "paper", "reference"]
+    orders = [bench._rotated(names, r) for r in range(3)]
+    assert orders[0] == names and all(sorted(o) == sorted(names) for o in orders)
+    assert {o[0] for o in orders} == set(names)
+    assert bench._rotated([], 4) == []
+
+
 def test_floor_uses_measured_ceilings():
     peaks = {"matmul_tflops": 500.0, "copy_gbps": 4000.0, "matmul_dtype": "bfloat16"}
     assert math.isclose(bench.floor_ms(10 ** 12, 10 ** 6, "bf16", peaks), 2.0)  # compute-bound: 1e12/5e14 s
@@ -233,8 +259,14 @@ def test_quick_mode_tiny_writes_valid_results(tmp_path, capsys):
     if not torch.cuda.is_available():
         assert "triton" in res["skipped"] and "cuda" in res["skipped"]
         assert all(v is None for c in res["cases"] for v in c["peak_mb"].values())
+    for c in res["cases"]:
+        paired = c["paired_x_paper"]
+        assert {"plain", "auto", "reference"} <= set(paired)
+        assert all(p["ci95"][0] <= p["median"] <= p["ci95"][1] and p["rounds"] >= 1 for p in paired.values())
     wm = res["whole_model"]["variants"]
     assert {"plain", "paper", "ours"} <= set(wm) and wm["plain"]["tokens_per_s"] > 0
+    assert {"ours/paper", "ours_aux_frozen/paper_aux_frozen", "ours/plain"} == set(res["whole_model"]["paired"])
+    assert "ours ÷ paper, per round" in printed and "Paired per-round ratios" in printed
     mi = res["merge_inference"]
     assert mi["module_types_identical"] is True and mi["merged_vs_unmerged_rel_err"] < 1e-5
     assert png.stat().st_size > 1000
