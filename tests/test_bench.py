@@ -3,7 +3,6 @@ computes the same function, and smoke runs of the quick mode and of benchmarks/g
 
 No test here asserts a timing: the numbers are measured and recorded, never judged in CI.
 """
-import argparse
 import json
 import math
 import os
