@@ -62,12 +62,13 @@ def wgrad(
     cd = _compute_dtype(dt)
     if need_weight or need_aux or need_scale:
         g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
-        gc, ac, lam = _as(g, cd), _as(aux_weight, cd), _as(scale, cd)
+        gc = _as(g, cd)
         if need_weight:
             dw = g
         if need_aux:
-            daux = _as(gc * _rows(lam), dt)
+            daux = _as(gc * _rows(_as(scale, cd)), dt)
         if need_scale:
+            ac = _as(aux_weight, cd)  # a weight-sized cast for bf16 / fp16: only when dλ is asked for
             if scale.shape[0] == 1:  # one λ: Σ_{n,k} G ⊙ W' as a single dot product
                 dscale = torch.dot(gc.reshape(-1), ac.reshape(-1)).view(1)
             else:
