@@ -413,6 +413,19 @@ def _random_set(c: Case, device, gen: torch.Generator):
     }
 
 
+def _load_case_tensors(layer: nn.Module, data: dict, probe: bool, x: torch.Tensor) -> list:
+    """Give a pathway layer (the paper's or ours) the case's W, b and λ, freeze W and b for linear
+    probing, and return the tensors whose gradients a repeat produces (x first)."""
+    with torch.no_grad():
+        layer.weight.copy_(data["w"])
+        layer.bias.copy_(data["b"])
+        layer.cross_modal_scale.copy_(data["lam"])
+    if probe:
+        layer.weight.requires_grad_(False)
+        layer.bias.requires_grad_(False)
+    return [x] + [p for p in layer.parameters() if p.requires_grad]
+
+
 def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str]) -> _Instance:
     from .baselines import PaperCrossModalReparamLinear
     probe = c.pass_ == "probe"
@@ -426,15 +439,8 @@ def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str
         layer = PaperCrossModalReparamLinear(K, N, bias=True, aux_weight=data["aux"],
                                              is_aux_trainable=c.aux_trainable and not probe,
                                              device=data["w"].device, dtype=data["w"].dtype)
-        with torch.no_grad():
-            layer.weight.copy_(data["w"])
-            layer.bias.copy_(data["b"])
-            layer.cross_modal_scale.copy_(data["lam"])
+        grads = _load_case_tensors(layer, data, probe, x)
         layer.to(DTYPES[c.dtype])  # what model.to(dtype) does to the paper's layer: λ too
-        if probe:
-            layer.weight.requires_grad_(False)
-            layer.bias.requires_grad_(False)
-        grads = [x] + [p for p in layer.parameters() if p.requires_grad]
         if provider == "paper":
             return _Instance(lambda: layer(x), x, data["dy"], grads)
         compiled = _compiled_paper(compile_mode)
@@ -447,14 +453,7 @@ def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str
         layer = FusedCrossModalLinear(c.K, c.N, bias=True, aux_weight=data["aux"],
                                       aux_trainable=c.aux_trainable and not probe,
                                       device=data["w"].device, dtype=data["w"].dtype)
-        with torch.no_grad():
-            layer.weight.copy_(data["w"])
-            layer.bias.copy_(data["b"])
-            layer.cross_modal_scale.copy_(data["lam"])  # λ stays fp32 (the layer keeps it so)
-        if probe:
-            layer.weight.requires_grad_(False)
-            layer.bias.requires_grad_(False)
-        grads = [x] + [p for p in layer.parameters() if p.requires_grad]
+        grads = _load_case_tensors(layer, data, probe, x)  # λ stays fp32 (the layer keeps it so)
         return _Instance(lambda: layer(x), x, data["dy"], grads, backend=provider)
     raise ValueError(f"unknown provider {provider!r}; choose from {list(PROVIDERS)}")
 
@@ -896,9 +895,8 @@ def run_whole_model(device, args, peaks: dict) -> tuple[dict, dict]:
     out["paired"] = {f"{a}/{b}": paired_ratio(round_ms[a], round_ms[b])
                      for a, b in (("ours", "paper"), ("ours_aux_frozen", "paper_aux_frozen"), ("ours", "plain"))
                      if a in steps and b in steps}
-    ours_model = models.get("ours")
-    for name in [n for n in models if n != "ours"]:
-        del models[name]
+    ours_model = models.pop("ours", None)
+    models.clear()
     steps.clear()
     if device.type == "cuda":
         torch.cuda.empty_cache()

@@ -13,6 +13,7 @@ The parent test runs the same steps in one process on the whole global batch and
 from __future__ import annotations
 
 import argparse
+import gc
 import inspect
 import os
 import subprocess
@@ -216,7 +217,6 @@ def worker_main(argv=None) -> None:
             record = _worker_scenario(name, a.rank, a.world_size, device)
             torch.save(record, Path(a.out) / f"{name}.rank{a.rank}.pt")
     finally:
-        import gc
         gc.collect()  # DDP reducers caught in reference cycles release the gloo group before it is destroyed
         dist.destroy_process_group()
 
