@@ -32,6 +32,8 @@
 #include <cuda_fp16.h>
 #include <mma.h>
 
+#include <type_traits>
+
 #include <c10/cuda/CUDAException.h>
 
 namespace m2pt_cuda {
@@ -64,24 +66,40 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float
 // Warp w owns rows [32*(w/2), +32) and columns [32*(w%2), +32) of the block tile.
 template <typename ST, int MATH> struct TileMma;
 
-template <typename ST> struct TileMma<ST, kMath16> {  // bf16 / fp16 inputs, fp32 accumulators
-  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2][2];
+// WMMA on tensor cores, fp32 accumulators: fragments of 16x16xKF with elements of type FT
+// (bf16 / fp16 with KF = 16; wmma::precision::tf32 with KF = 8, the fp32 tile rounded to tf32 after
+// each fragment load).
+template <typename ST, typename FT, int KF> struct WmmaTile {
+  static constexpr bool kTf32 = std::is_same<FT, wmma::precision::tf32>::value;
+  wmma::fragment<wmma::accumulator, 16, 16, KF, float> acc[2][2];
   __device__ __forceinline__ void init() {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
 #pragma unroll
       for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
   }
+  template <typename Frag> __device__ __forceinline__ static void to_tf32(Frag& f) {
+    if constexpr (kTf32) {
+#pragma unroll
+      for (int t = 0; t < f.num_elements; ++t) f.x[t] = wmma::__float_to_tf32(f.x[t]);
+    }
+  }
   __device__ __forceinline__ void step(const ST* As, int lda, const ST* Bs, int ldb) {
     const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
 #pragma unroll
-    for (int kk = 0; kk < BK; kk += 16) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 16, ST, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, ST, wmma::row_major> b[2];
+    for (int kk = 0; kk < BK; kk += KF) {
+      wmma::fragment<wmma::matrix_a, 16, 16, KF, FT, wmma::row_major> a[2];
+      wmma::fragment<wmma::matrix_b, 16, 16, KF, FT, wmma::row_major> b[2];
 #pragma unroll
-      for (int i = 0; i < 2; ++i) wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * lda + kk, lda);
+      for (int i = 0; i < 2; ++i) {
+        wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * lda + kk, lda);
+        to_tf32(a[i]);
+      }
 #pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::load_matrix_sync(b[j], Bs + kk * ldb + wn * 32 + j * 16, ldb);
+      for (int j = 0; j < 2; ++j) {
+        wmma::load_matrix_sync(b[j], Bs + kk * ldb + wn * 32 + j * 16, ldb);
+        to_tf32(b[j]);
+      }
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
@@ -99,48 +117,8 @@ template <typename ST> struct TileMma<ST, kMath16> {  // bf16 / fp16 inputs, fp3
   }
 };
 
-template <> struct TileMma<float, kMathTF32> {  // fp32 inputs rounded to tf32, fp32 accumulators
-  wmma::fragment<wmma::accumulator, 16, 16, 8, float> acc[2][2];
-  __device__ __forceinline__ void init() {
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
-  }
-  __device__ __forceinline__ void step(const float* As, int lda, const float* Bs, int ldb) {
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-#pragma unroll
-    for (int kk = 0; kk < BK; kk += 8) {
-      wmma::fragment<wmma::matrix_a, 16, 16, 8, wmma::precision::tf32, wmma::row_major> a[2];
-      wmma::fragment<wmma::matrix_b, 16, 16, 8, wmma::precision::tf32, wmma::row_major> b[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        wmma::load_matrix_sync(a[i], As + (wm * 32 + i * 16) * lda + kk, lda);
-#pragma unroll
-        for (int t = 0; t < a[i].num_elements; ++t) a[i].x[t] = wmma::__float_to_tf32(a[i].x[t]);
-      }
-#pragma unroll
-      for (int j = 0; j < 2; ++j) {
-        wmma::load_matrix_sync(b[j], Bs + kk * ldb + wn * 32 + j * 16, ldb);
-#pragma unroll
-        for (int t = 0; t < b[j].num_elements; ++t) b[j].x[t] = wmma::__float_to_tf32(b[j].x[t]);
-      }
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j) wmma::mma_sync(acc[i][j], a[i], b[j], acc[i][j]);
-    }
-  }
-  __device__ __forceinline__ void store(float* Cs, int ldc) {
-    const int warp = threadIdx.x / 32, wm = warp / 2, wn = warp % 2;
-#pragma unroll
-    for (int i = 0; i < 2; ++i)
-#pragma unroll
-      for (int j = 0; j < 2; ++j)
-        wmma::store_matrix_sync(Cs + (wm * 32 + i * 16) * ldc + wn * 32 + j * 16, acc[i][j], ldc,
-                                wmma::mem_row_major);
-  }
-};
+template <typename ST> struct TileMma<ST, kMath16> : WmmaTile<ST, ST, 16> {};  // bf16 / fp16
+template <> struct TileMma<float, kMathTF32> : WmmaTile<float, wmma::precision::tf32, 8> {};  // fp32 as tf32
 
 template <> struct TileMma<float, kMathFFMA> {  // fp32 "highest": plain FFMA, 8x4 outputs per thread
   float acc[8][4];
