@@ -10,7 +10,7 @@ from m2pt_kernels import cross_modal_linear, use_backend
 from m2pt_kernels import _dispatch
 
 from conftest import device_for_tests, fused_backends
-from helpers import check_against_reference, make_inputs, rel_err
+from helpers import TOL, check_against_reference, make_inputs, rel_err
 
 DEVICE = device_for_tests()
 BACKENDS = ["reference"] + fused_backends()
@@ -37,9 +37,37 @@ def test_fp32_against_float64(backend, lead, k, n, bias, per_channel):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("lead,k,n", [SHAPES[1], SHAPES[2]])
-def test_half_against_float64(backend, dtype, lead, k, n):
-    inputs = make_inputs(lead, k, n, dtype, per_channel=True)
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_half_against_float64(backend, dtype, lead, k, n, per_channel):
+    """One λ too: its dλ sums N·K products whose signs mix, the hardest gradient to keep within
+    tolerance at half precision (see the reference's ``wgrad``)."""
+    inputs = make_inputs(lead, k, n, dtype, per_channel=per_channel)
     check_against_reference(backend, inputs, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_scalar_dlam_when_its_terms_cancel(backend, dtype):
+    """One λ, and W' drawn so that dλ = Σ G ⊙ W' is a small fraction r of its terms' norm: dλ must
+    still be within the dtype's tolerance, which a dλ reduced from a G rounded to bf16 / fp16 is not
+    (its error is about 2⁻⁹·‖G ⊙ W'‖ in bf16, 2⁻¹²·‖G ⊙ W'‖ in fp16: 10-20% of dλ at these r).
+    r stays far above fp32's own rounding of the sum (~1e-6 of the norm)."""
+    r = {torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    x = torch.randn(64, 48, device=DEVICE, dtype=dtype)
+    dy = torch.randn(64, 40, device=DEVICE, dtype=dtype)
+    g = dy.double().t() @ x.double()
+    a = torch.randn(40, 48, device=DEVICE, dtype=torch.float64) / 48 ** 0.5
+    a = a - (g * a).sum() / (g * g).sum() * g  # no part along G: Σ G ⊙ a = 0
+    a = (a + r * (g * a).norm() / (g * g).sum() * g).to(dtype)  # then Σ G ⊙ a = r·‖G ⊙ a‖
+    terms = g * a.double()
+    ratio = abs(terms.sum().item()) / terms.norm().item()
+    assert r / 3 < ratio < 3 * r, f"the draw cancels to {ratio:.2e} of its terms, not about {r:.0e}"
+    w = torch.randn(40, 48, device=DEVICE, dtype=dtype) / 48 ** 0.5
+    s = torch.randn(1, device=DEVICE, requires_grad=True)
+    b = torch.randn(40, device=DEVICE, dtype=dtype)
+    with use_backend(backend):
+        cross_modal_linear(x, w, a, s, b).backward(dy)
+    assert rel_err(s.grad, terms.sum().view(1)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -145,6 +173,26 @@ def test_autocast_behaves_like_f_linear():
     assert s.grad is not None and s.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_backward_inside_the_autocast_region_changes_no_gradient(backend):
+    """``loss.backward()`` inside the ``with torch.autocast(...)`` block runs the backward under
+    autocast; the op's backward must give the same gradients as outside it."""
+    inputs = make_inputs((6,), 16, 8, torch.float32)
+    grads = []
+    for inside in (False, True):
+        for t in inputs:
+            t.grad = None
+        with use_backend(backend), torch.autocast(DEVICE, dtype=torch.bfloat16):
+            y = cross_modal_linear(*inputs)
+            if inside:
+                y.float().sum().backward()
+        if not inside:
+            y.float().sum().backward()
+        grads.append([t.grad for t in inputs])
+    for name, outside, inside in zip(("dx", "dW", "dW'", "dλ", "db"), *grads):
+        assert outside.dtype == torch.float32 and torch.equal(outside, inside), name
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -244,3 +292,4 @@ def test_reference_double_backward():
     s, b = torch.randn(1, requires_grad=True, **d), torch.randn(5, requires_grad=True, **d)
     with use_backend("reference"):
         assert torch.autograd.gradgradcheck(cross_modal_linear, (x, w, a, s, b))
+

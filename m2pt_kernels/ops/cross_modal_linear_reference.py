@@ -50,19 +50,39 @@ def dgrad(dy2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor) -> Ten
     return dy2 @ merged_weight(weight, aux_weight, scale, dy2.dtype)
 
 
+def _mm_in(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """``a @ b`` computed and returned in ``dtype``. A backward called inside an autocast region runs
+    under it, and autocast would put the GEMM back in its low-precision dtype."""
+    a, b = _as(a, dtype), _as(b, dtype)
+    if torch.is_autocast_enabled(a.device.type):
+        with torch.autocast(a.device.type, enabled=False):
+            return a @ b
+    return a @ b
+
+
 def wgrad(
     dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
     out: Optional[Tensor] = None,
 ):
     """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``). Reductions and
-    dW' in the compute dtype (``_as`` casts only where the dtypes differ)."""
+    dW' in the compute dtype (``_as`` casts only where the dtypes differ).
+
+    bf16 / fp16 with dλ asked for: G = dyᵀx is computed with an fp32 result (the operands cast to
+    fp32, products exact) and rounded once for dW. dλ sums N·K (one λ) products G ⊙ W' whose signs
+    mix; from a G rounded to bf16 its error would be about 2⁻⁹·‖G ⊙ W'‖, which, when the sum is
+    small against its terms, is several percent of dλ itself (measured: one random draw in ten at
+    ViT-Ti widths beyond bf16's 2e-2). The fused kernels reduce dλ from their fp32 accumulators."""
     dw = daux = dscale = db = None
     dt = dy2.dtype
     cd = _compute_dtype(dt)
     if need_weight or need_aux or need_scale:
-        g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
-        gc = _as(g, cd)
+        if need_scale and dt != cd:
+            gc = _mm_in(dy2.t(), x2, cd)  # G = dyᵀx in fp32, [N, K]
+            g = (out.copy_(gc) if out is not None else gc.to(dt)) if need_weight else None
+        else:
+            g = torch.mm(dy2.t(), x2, out=out) if out is not None else dy2.t() @ x2  # G = dyᵀx, [N, K]
+            gc = _as(g, cd)
         if need_weight:
             dw = g
         if need_aux:
