@@ -29,6 +29,8 @@ Design decisions (each one is something a user can rely on):
   ``cache_merged_weight = False`` turns the cache off (it costs one weight-sized tensor per layer).
 - Under ``torch.compile`` the layer always calls the fused op (registered with ``torch.library``),
   so ``fullgraph=True`` traces it without graph breaks; the Python-side cache is never traced.
+  Under ``torch.func`` transforms (``functional_call`` + ``grad`` / ``vmap`` / ``jvp`` ...) it
+  always calls the op too, which runs its transformable reference path there.
 - ``merge()`` returns a plain ``nn.Linear`` holding ``W + λ·W'`` (fp32 math, one cast to W's dtype)
   and a copy of the target's bias; the auxiliary model's bias is never used, as in the paper.
 """
@@ -43,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .ops.cross_modal_linear import check_inputs, cross_modal_linear
+from .ops.cross_modal_linear import check_inputs, cross_modal_linear, transforms_active
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = ["FusedCrossModalLinear"]
@@ -254,9 +256,10 @@ class FusedCrossModalLinear(nn.Module):
             weight, aux_weight, scale, bias = self.weight, self.aux_weight, self.cross_modal_scale, self.bias
         if torch.is_grad_enabled() and (weight.requires_grad or aux_weight.requires_grad or scale.requires_grad
                                         or (bias is not None and bias.requires_grad)) \
-                or torch.compiler.is_compiling():
+                or torch.compiler.is_compiling() or transforms_active():
             return cross_modal_linear(x, weight, aux_weight, scale, bias)
-        # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight.
+        # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight (the cache
+        # keys on data pointers, which batched and dual tensors of torch.func transforms don't have).
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type):
             dtype = torch.get_autocast_dtype(device_type)

@@ -293,3 +293,117 @@ def test_reference_double_backward():
     with use_backend("reference"):
         assert torch.autograd.gradgradcheck(cross_modal_linear, (x, w, a, s, b))
 
+
+# ---------------------------------------------------------------------------- torch.func transforms
+def _math64(x, w, a, s, b):
+    """y straight from the math, in whatever dtype it is given (the oracle for the transforms)."""
+    return torch.nn.functional.linear(x, w + s.view(-1, 1) * a, b)
+
+
+def _detached(inputs, dtype=None):
+    return [t.detach().to(dtype or t.dtype) if t is not None else None for t in inputs]
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_torch_func_grad_matches_float64(backend, per_channel, bias, dtype):
+    """``torch.func.grad`` through the op gives every gradient of the math (against float64)."""
+    inputs = _detached(make_inputs((2, 7), 13, 9, dtype, bias=bias, per_channel=per_channel))
+    dy = torch.randn(2, 7, 9, device=DEVICE, dtype=dtype)
+    argnums = (0, 1, 2, 3, 4) if bias else (0, 1, 2, 3)
+
+    def loss(x, w, a, s, b):
+        return (cross_modal_linear(x, w, a, s, b) * dy).sum()
+
+    with use_backend(backend):
+        grads = torch.func.grad(loss, argnums=argnums)(*inputs)
+    grads64 = torch.func.grad(lambda *t: (_math64(*t) * dy.double()).sum(), argnums=argnums)(
+        *_detached(inputs, torch.float64))
+    for name, g, g64, t in zip(("dx", "dW", "dW'", "dλ", "db"), grads, grads64, inputs):
+        assert g.shape == g64.shape and g.dtype == t.dtype, name  # λ's gradient in λ's fp32
+        assert rel_err(g, g64) < TOL[dtype], name
+
+
+def test_vmap_per_sample_gradients():
+    """``vmap(grad(...))`` over the samples of a batch (per-sample gradients, as DP-SGD and
+    influence functions use them) equals a loop of plain autograd over the samples."""
+    x, w, a, s, b = _detached(make_inputs((5, 3), 11, 6, torch.float32, per_channel=True))
+    dy = torch.randn(5, 3, 6, device=DEVICE)
+
+    def loss(w, a, s, b, xi, dyi):
+        return (cross_modal_linear(xi, w, a, s, b) * dyi).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss, argnums=(0, 1, 2, 3)), in_dims=(None,) * 4 + (0, 0))(
+        w, a, s, b, x, dy)
+    for i in range(5):
+        leaves = [t.clone().requires_grad_(True) for t in (w, a, s, b)]
+        (cross_modal_linear(x[i], *leaves[:3], leaves[3]) * dy[i]).sum().backward()
+        for name, batched, leaf in zip(("dW", "dW'", "dλ", "db"), per_sample, leaves):
+            assert rel_err(batched[i], leaf.grad) < 1e-5, (i, name)
+
+
+def test_vmap_over_stacked_weights_and_inputs():
+    """``vmap`` over stacked weights (model ensembles) and over x, forward and gradients."""
+    e = 3
+    x = torch.randn(e, 4, 10, device=DEVICE)
+    w, a = torch.randn(e, 7, 10, device=DEVICE), torch.randn(e, 7, 10, device=DEVICE)
+    s, b = torch.randn(e, 7, device=DEVICE), torch.randn(e, 7, device=DEVICE)
+    ys = torch.func.vmap(cross_modal_linear)(x, w, a, s, b)
+    grads = torch.func.vmap(torch.func.grad(lambda *t: cross_modal_linear(*t).square().sum(), argnums=(1, 3)))(
+        x, w, a, s, b)
+    for i in range(e):
+        y64 = _math64(*_detached((x[i], w[i], a[i], s[i], b[i]), torch.float64))
+        assert rel_err(ys[i], y64) < 1e-5
+        w64, s64 = w[i].double().requires_grad_(True), s[i].double().requires_grad_(True)
+        _math64(x[i].double(), w64, a[i].double(), s64, b[i].double()).square().sum().backward()
+        assert rel_err(grads[0][i], w64.grad) < 1e-4 and rel_err(grads[1][i], s64.grad) < 1e-4
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_jvp_jacfwd_jacrev_and_hessian_match_the_math(per_channel):
+    """Forward mode (``jvp`` with a tangent for every input, ``jacfwd``), reverse mode (``jacrev``)
+    and both nested (``hessian``) agree with the same transforms of the math, in float64."""
+    inputs = _detached(make_inputs((3,), 5, 4, torch.float64, per_channel=per_channel), torch.float64)
+    tangents = [torch.randn_like(t) for t in inputs]
+    with use_backend("reference"):
+        y, y_t = torch.func.jvp(cross_modal_linear, tuple(inputs), tuple(tangents))
+    y64, y64_t = torch.func.jvp(_math64, tuple(inputs), tuple(tangents))
+    assert rel_err(y, y64) < 1e-12 and rel_err(y_t, y64_t) < 1e-12
+    for only in range(5):  # one tangent at a time: the terms that are left out must stay out
+        part = [tangents[i] if i == only else torch.zeros_like(t) for i, t in enumerate(inputs)]
+        f = lambda ti, i=only: cross_modal_linear(*[ti if j == i else t for j, t in enumerate(inputs)])
+        f64 = lambda ti, i=only: _math64(*[ti if j == i else t for j, t in enumerate(inputs)])
+        assert rel_err(torch.func.jvp(f, (inputs[only],), (part[only],))[1],
+                       torch.func.jvp(f64, (inputs[only],), (part[only],))[1]) < 1e-12, only
+        jf, jr, j64 = torch.func.jacfwd(f)(inputs[only]), torch.func.jacrev(f)(inputs[only]), torch.func.jacrev(f64)(inputs[only])
+        assert rel_err(jf, j64) < 1e-12 and rel_err(jr, j64) < 1e-12, only
+    loss = lambda s: cross_modal_linear(inputs[0], inputs[1], inputs[2], s, inputs[4]).sin().sum()
+    loss64 = lambda s: _math64(inputs[0], inputs[1], inputs[2], s, inputs[4]).sin().sum()
+    assert rel_err(torch.func.hessian(loss)(inputs[3]), torch.func.hessian(loss64)(inputs[3])) < 1e-12
+
+
+def test_forward_mode_ad_with_dual_tensors():
+    """``torch.autograd.forward_ad`` outside torch.func: dual x and λ give the right tangent."""
+    import torch.autograd.forward_ad as fwad
+    x, w, a, s, b = _detached(make_inputs((2, 5), 6, 3, torch.float32))
+    x_t, s_t = torch.randn_like(x), torch.randn_like(s)
+    with fwad.dual_level():
+        y = cross_modal_linear(fwad.make_dual(x, x_t), w, a, fwad.make_dual(s, s_t), b)
+        y_p, y_t = fwad.unpack_dual(y)
+    _, y64_t = torch.func.jvp(lambda xx, ss: _math64(xx, w.double(), a.double(), ss, b.double()),
+                              (x.double(), s.double()), (x_t.double(), s_t.double()))
+    assert rel_err(y_p, _math64(*_detached((x, w, a, s, b), torch.float64))) < 1e-5
+    assert rel_err(y_t, y64_t) < 1e-5
+
+
+@pytest.mark.skipif(not fused_backends(), reason="no fused backend can run here")
+def test_fused_backend_under_transforms_is_an_error():
+    """The fused kernels take no batched or dual tensors: asking for one explicitly under a transform
+    is an error that says to use the reference backend, never a silent switch."""
+    x, w, a, s, b = _detached(make_inputs((3,), 8, 5, torch.float32))
+    for backend in fused_backends():
+        with use_backend(backend), pytest.raises(RuntimeError, match=f"backend '{backend}' can't run under "
+                                                                     "torch.func transforms.*'reference'"):
+            torch.func.grad(lambda ww: cross_modal_linear(x, ww, a, s, b).sum())(w)

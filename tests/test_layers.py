@@ -415,6 +415,52 @@ def test_forward_reads_parametrized_and_substituted_tensors(name, aux_trainable)
                       swapped["bias"].double())
     assert rel_err(y, expect) < 1e-5
 
+
+
+@pytest.mark.parametrize("aux_trainable", [True, False])
+def test_torch_func_grad_and_per_sample_grads_of_the_layer(aux_trainable):
+    """``functional_call`` + ``torch.func.grad`` (meta-learning, influence functions) and
+    ``vmap(grad(...))`` per-sample gradients (DP-SGD) through the layer, W' trainable or a buffer,
+    against plain autograd on the layer."""
+    from torch.func import functional_call, grad, vmap
+
+    _, _, layer = make_layer(aux_trainable=aux_trainable, per_channel=True, lam=torch.randn(OUT))
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    buffers = dict(layer.named_buffers())
+    x, dy = torch.randn(4, 3, IN), torch.randn(4, 3, OUT)
+
+    def loss(p, xi, dyi):
+        return (functional_call(layer, {**p, **buffers}, (xi,)) * dyi).sum()
+
+    grads = grad(loss)(params, x, dy)
+    (layer(x) * dy).sum().backward()
+    assert set(grads) == {k for k, _ in layer.named_parameters()}
+    for k, p in layer.named_parameters():
+        assert rel_err(grads[k], p.grad) < 1e-5, k
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, dy)
+    for i in range(4):
+        layer.zero_grad(set_to_none=True)
+        (layer(x[i]) * dy[i]).sum().backward()
+        for k, p in layer.named_parameters():
+            assert rel_err(per_sample[k][i], p.grad) < 1e-5, (i, k)
+
+
+def test_vmap_model_ensemble_of_layers():
+    """``stack_module_state`` + ``vmap`` over stacked layers, with and without gradients (the eval
+    cache keys on data pointers, which batched tensors lack: it must not be used under vmap)."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    layers = [make_layer(lam=torch.randn(1))[2] for _ in range(3)]
+    params, buffers = stack_module_state(layers)
+    x = torch.randn(5, IN)
+    call = lambda p, b, xx: functional_call(layers[0], {**p, **b}, (xx,))
+    for grad_mode in (True, False):
+        layers[0].train(grad_mode)
+        with torch.set_grad_enabled(grad_mode):
+            ys = vmap(call, in_dims=(0, 0, None))(params, buffers, x)
+        for i, layer in enumerate(layers):
+            assert rel_err(ys[i], ref64(layer, x)) < 1e-5, (grad_mode, i)
+
 # ---------------------------------------------------------------------------- backends, compile, checkpointing
 def test_triton_backend_small():
     if "triton" not in m2pt_kernels.available_backends():

@@ -11,6 +11,7 @@ Math (written once here; the kernels cite it)::
     dW' = λ·G                        (λ broadcast over rows: λ[n]·G[n, k])
     dλ  = Σ_k G ⊙ W'                 per channel; summed over n too when λ has shape [1]
     db  = Σ_m dy
+    ẏ   = ẋ·(W + λ·W')ᵀ + x·(Ẇ + λ̇·W' + λ·Ẇ')ᵀ + ḃ    (forward mode: tangents, under torch.func)
 
 Only the gradients that are needed are computed (``needs_input_grad``): in linear probing only λ
 (and x) need gradients, and then dW is never written.
@@ -25,7 +26,8 @@ implementation so ``torch.compile(fullgraph=True)`` traces them without graph br
 
 In eager mode ``cross_modal_linear`` runs the same computation through a plain
 ``torch.autograd.Function`` (the custom-op wrapping costs more than a small GEMM per call); under
-``torch.compile`` it calls the registered op.
+``torch.compile`` it calls the registered op; under ``torch.func`` transforms and forward-mode AD
+it runs ``_TransformableCrossModalLinear`` (the reference math with a vmap rule and a jvp).
 
 Each backend module (see ``m2pt_kernels._dispatch``) provides, on 2-D views::
 
@@ -44,6 +46,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.autograd.forward_ad as _fwad
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
@@ -307,6 +311,75 @@ def _eager_function(backend: str) -> type:
     return fn
 
 
+class _TransformableCrossModalLinear(torch.autograd.Function):
+    """The op under ``torch.func`` transforms (``grad``, ``vjp``, ``jacrev``, ``vmap``, ``jvp``,
+    ``jacfwd``, ``hessian``) and forward-mode AD (``torch.autograd.forward_ad``).
+
+    Those need an ``autograd.Function`` in the ``setup_context`` style, a vmap rule and a ``jvp``
+    (the eager Function has none of them, and neither has ``torch.library``'s autograd). It runs the
+    ``reference`` math, which is plain PyTorch, so ``generate_vmap_rule`` can batch the forward,
+    the backward and the jvp alike (per-sample gradients ``vmap(grad(...))``, stacked-weight model
+    ensembles); the fused kernels never see batched or dual tensors. The backward is built from
+    differentiable ops, so transforms nest (``jacfwd(jacrev(...))``).
+    """
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, aux_weight, scale, bias):
+        return _forward(x, weight, aux_weight, scale, bias, "reference")
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, aux_weight, scale, bias = inputs
+        ctx.save_for_backward(x, weight, aux_weight, scale)  # inputs only: never the merged weight
+        ctx.save_for_forward(x, weight, aux_weight, scale)
+        ctx.backend = "reference"
+
+    @staticmethod
+    def backward(ctx, dy):
+        return _backward(ctx, dy, _dgrad, _wgrad)[:5]
+
+    @staticmethod
+    def jvp(ctx, x_t, weight_t, aux_t, scale_t, bias_t):
+        """ẏ of the module docstring, each term only where its tangent is given; the merges in fp32
+        (fp64 for fp64), rounded once to x's dtype like the forward's."""
+        ref = _impl("reference")
+        x, weight, aux_weight, scale = ctx.saved_tensors
+        dt = x.dtype
+        cd = ref._compute_dtype(weight.dtype)
+        y_t = None
+        if x_t is not None:
+            y_t = F.linear(x_t, ref.merged_weight(weight, aux_weight, scale, dt))
+        merged_t = None
+        for term in ((weight_t.to(cd) if weight_t is not None else None),
+                     (ref._rows(scale_t.to(cd)) * aux_weight.to(cd) if scale_t is not None else None),
+                     (ref._rows(scale.to(cd)) * aux_t.to(cd) if aux_t is not None else None)):
+            if term is not None:
+                merged_t = term if merged_t is None else merged_t + term
+        if merged_t is not None:
+            term = F.linear(x, merged_t.to(dt))
+            y_t = term if y_t is None else y_t + term
+        if bias_t is not None:
+            y_t = bias_t.expand(*x.shape[:-1], weight.shape[0]).clone() if y_t is None else y_t + bias_t
+        return y_t
+
+
+def transforms_active() -> bool:
+    """``torch.func`` transforms or forward-mode AD are active: ``cross_modal_linear`` then runs
+    ``_TransformableCrossModalLinear`` (one C call and one attribute read; checked on every eager call)."""
+    return _functorch_active() or _fwad._current_level >= 0
+
+
+def _under_transforms(x, weight, aux_weight, scale, bias, backend: str) -> Tensor:
+    if backend != "reference" and _dispatch.requested_backend() != "auto":
+        raise RuntimeError(
+            f"m2pt_kernels backend {backend!r} can't run under torch.func transforms (grad, vmap, jvp, ...) "
+            "or forward-mode AD: its kernels take no batched or dual tensors. Use the 'reference' backend "
+            "there ('auto' picks it by itself)")
+    return _TransformableCrossModalLinear.apply(x, weight, aux_weight, scale, bias)
+
+
 def cross_modal_linear(
     x: Tensor,
     weight: Tensor,
@@ -334,9 +407,12 @@ def cross_modal_linear(
     backend = _dispatch.resolve(x)
     if compiling:
         return torch.ops.m2pt.cross_modal_linear(x, weight, aux_weight, cross_modal_scale, bias, backend)
+    if _functorch_active() or _fwad._current_level >= 0:  # transforms_active(), inlined: every call
+        return _under_transforms(x, weight, aux_weight, cross_modal_scale, bias, backend)
     return _eager_function(backend).apply(x, weight, aux_weight, cross_modal_scale, bias)
 
 
 # One C call that says whether autocast is on for any device type (eager only; the per-device check
 # above decides). Torch versions without it always take the per-device check.
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
+_functorch_active = torch._C._are_functorch_transforms_active
