@@ -117,10 +117,11 @@ def test_no_merged_weight_saved_for_backward(backend):
 def test_gradcheck_float64_reference():
     x, w, a, s, b = make_inputs((2, 3), 5, 4, torch.float64, per_channel=True)
     s = s.detach().double().requires_grad_(True)
+    checks = dict(check_batched_grad=True, check_forward_ad=True)  # vmap over the backward; the jvp
     with use_backend("reference"):
-        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s, b))
+        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s, b), **checks)
         s1 = torch.randn(1, dtype=torch.float64, device=DEVICE, requires_grad=True)
-        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s1, None))
+        assert torch.autograd.gradcheck(cross_modal_linear, (x, w, a, s1, None), **checks)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -291,7 +292,8 @@ def test_reference_double_backward():
     w, a = (torch.randn(5, 4, requires_grad=True, **d) for _ in range(2))
     s, b = torch.randn(1, requires_grad=True, **d), torch.randn(5, requires_grad=True, **d)
     with use_backend("reference"):
-        assert torch.autograd.gradgradcheck(cross_modal_linear, (x, w, a, s, b))
+        assert torch.autograd.gradgradcheck(cross_modal_linear, (x, w, a, s, b), check_batched_grad=True,
+                                            check_fwd_over_rev=True)
 
 
 # ---------------------------------------------------------------------------- torch.func transforms
@@ -407,3 +409,24 @@ def test_fused_backend_under_transforms_is_an_error():
         with use_backend(backend), pytest.raises(RuntimeError, match=f"backend '{backend}' can't run under "
                                                                      "torch.func transforms.*'reference'"):
             torch.func.grad(lambda ww: cross_modal_linear(x, ww, a, s, b).sum())(w)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batched_cotangents(backend):
+    """``autograd.grad(is_grads_batched=True)`` and ``jacobian(vectorize=True)`` run the backward
+    under vmap (every backend then computes it with the reference's batchable ops): the same
+    gradients as one cotangent at a time."""
+    inputs = make_inputs((2, 3), 7, 5, torch.float32, per_channel=True)
+    with use_backend(backend):
+        y = cross_modal_linear(*inputs)
+    v = torch.randn(4, *y.shape, device=DEVICE)
+    batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
+    for i in range(4):
+        single = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
+        for name, gb, gs in zip(("dx", "dW", "dW'", "dλ", "db"), batched, single):
+            assert rel_err(gb[i], gs) < 1e-5, (i, name)
+    with use_backend(backend):
+        jac = torch.autograd.functional.jacobian(cross_modal_linear, tuple(inputs), vectorize=True)
+        jac_loop = torch.autograd.functional.jacobian(cross_modal_linear, tuple(inputs))
+    for name, jv, jl in zip(("x", "W", "W'", "λ", "b"), jac, jac_loop):
+        assert rel_err(jv, jl) < 1e-5, name

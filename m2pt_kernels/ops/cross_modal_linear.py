@@ -284,7 +284,15 @@ class _EagerCrossModalLinear(torch.autograd.Function):
         impl = cls.impl
         dy2, x2 = (dy, x) if dy.dim() == 2 else (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
         need_params = need_w or need_aux or need_scale or need_bias
-        both = getattr(impl, "backward", None)
+        if _functorch_active() or _legacy_batched(dy):
+            # Batched cotangents (autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
+            # gradcheck's batched check; the first uses torch's legacy vmap, which sets no functorch
+            # level): this backward runs on batched tensors, which the fused kernels and the
+            # reference's out= buffer reuse can't take; the reference's dgrad / wgrad compute the
+            # same gradients from plain, batchable ops.
+            impl, both = _impl("reference"), None
+        else:
+            both = getattr(impl, "backward", None)
         if both is not None and need_params:
             dx, dw, daux, dscale, db = both(dy2, x2, weight, aux_weight, scale,
                                             need_x, need_w, need_aux, need_scale, need_bias)
@@ -416,3 +424,4 @@ def cross_modal_linear(
 # above decides). Torch versions without it always take the per-device check.
 _any_autocast_enabled = getattr(torch._C, "_is_any_autocast_enabled", lambda: True)
 _functorch_active = torch._C._are_functorch_transforms_active
+_legacy_batched = torch._C._functorch.is_legacy_batchedtensor
