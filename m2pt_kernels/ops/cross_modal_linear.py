@@ -36,7 +36,8 @@ Each backend module (see ``m2pt_kernels._dispatch``) provides, on 2-D views::
     wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias)
         -> (dW | None, dW' | None, dλ | None, db | None)                    # dλ in λ's dtype and shape
 
-and may provide both in one call for the eager path (the reference does, to reuse a buffer)::
+and may provide both in one call for the eager path (the reference does, to reuse a buffer; called
+with grad mode off, on unbatched tensors)::
 
     backward(dy2, x2, weight, aux_weight, scale, need_x, need_weight, need_aux, need_scale, need_bias)
         -> (dx2 | None, dW | None, dW' | None, dλ | None, db | None)
@@ -284,12 +285,15 @@ class _EagerCrossModalLinear(torch.autograd.Function):
         impl = cls.impl
         dy2, x2 = (dy, x) if dy.dim() == 2 else (dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]))
         need_params = need_w or need_aux or need_scale or need_bias
-        if _functorch_active() or _legacy_batched(dy):
-            # Batched cotangents (autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
-            # gradcheck's batched check; the first uses torch's legacy vmap, which sets no functorch
-            # level): this backward runs on batched tensors, which the fused kernels and the
-            # reference's out= buffer reuse can't take; the reference's dgrad / wgrad compute the
-            # same gradients from plain, batchable ops.
+        if torch.is_grad_enabled() or _functorch_active() or _legacy_batched(dy):
+            # The reference's dgrad / wgrad compute the same gradients from plain torch ops, which
+            # autograd records and vmap batches, where the fused kernels and the reference's out=
+            # buffer reuse can't serve:
+            # - backward(create_graph=True) (double backward: gradient penalties, Hessian-vector
+            #   products): a kernel's gradients would be constants to the second derivative;
+            # - batched cotangents (autograd.grad(is_grads_batched=True), jacobian(vectorize=True),
+            #   gradcheck's batched check; the first two use torch's legacy vmap, which sets no
+            #   functorch level): this backward runs on batched tensors.
             impl, both = _impl("reference"), None
         else:
             both = getattr(impl, "backward", None)

@@ -109,11 +109,14 @@ def backward(
 
     fp32 / fp64 (every tensor already in its compute dtype: no casts) take a flat copy of the same
     math: each Python step here is paid on every layer of every step, and at ViT-Ti widths on the CPU
-    they add up to a few percent of the layer's time. ``wgrad`` serves the rest (bf16 / fp16, double
-    backward) and the registered op."""
+    they add up to a few percent of the layer's time. ``wgrad`` serves the rest (bf16 / fp16) and the
+    registered op.
+
+    The eager Function calls this with grad mode off and on plain tensors only: it sends
+    backward(create_graph=True) and batched cotangents to ``dgrad`` / ``wgrad``, since out= ops
+    record no graph and don't batch."""
     dt = dy2.dtype
-    if dt is weight.dtype and dt is scale.dtype and (dt is torch.float32 or dt is torch.float64) \
-            and not torch.is_grad_enabled():  # backward(create_graph=True): out= ops record no graph
+    if dt is weight.dtype and dt is scale.dtype and (dt is torch.float32 or dt is torch.float64):
         lam = _rows(scale)  # λ itself when it has shape [1]
         dx = buf = g = dw = daux = dscale = db = None
         if need_x:
@@ -135,6 +138,4 @@ def backward(
     if need_x:
         buf = merged_weight(weight, aux_weight, scale, dt)
         dx = dy2 @ buf
-    if torch.is_grad_enabled():
-        buf = None
     return (dx,) + wgrad(dy2, x2, aux_weight, scale, need_weight, need_aux, need_scale, need_bias, out=buf)
