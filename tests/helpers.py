@@ -19,13 +19,17 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return (out - ref).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def linear_math(x, weight, aux_weight, scale, bias=None):
+    """y = x·(W + λ·W')ᵀ + b straight from the math (materialized merge), in whatever dtype it is
+    given: the oracle, differentiable by autograd and by every torch.func transform."""
+    return torch.nn.functional.linear(x, weight + scale.view(-1, 1) * aux_weight, bias)
+
+
 def reference64(x, weight, aux_weight, scale, bias, dy):
     """y and every gradient in float64, straight from the math (materialized merge + autograd)."""
     leaves = [t.detach().double().cpu().requires_grad_(True) if t is not None else None
               for t in (x, weight, aux_weight, scale, bias)]
-    x64, w64, a64, s64, b64 = leaves
-    merged = w64 + s64.view(-1, 1) * a64
-    y = torch.nn.functional.linear(x64, merged, b64)
+    y = linear_math(*leaves)
     y.backward(dy.detach().double().cpu())
     return y.detach(), [t.grad if t is not None else None for t in leaves]
 

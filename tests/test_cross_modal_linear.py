@@ -10,7 +10,8 @@ from m2pt_kernels import cross_modal_linear, use_backend
 from m2pt_kernels import _dispatch
 
 from conftest import device_for_tests, fused_backends
-from helpers import TOL, check_against_reference, make_inputs, rel_err, tolerance
+from helpers import (GRAD_NAMES, TOL, check_against_reference, linear_math, make_inputs, rel_err,
+                     tolerance)
 
 DEVICE = device_for_tests()
 BACKENDS = ["reference"] + fused_backends()
@@ -190,7 +191,7 @@ def test_backward_inside_the_autocast_region_changes_no_gradient(backend):
         if not inside:
             y.float().sum().backward()
         grads.append([t.grad for t in inputs])
-    for name, outside, inside in zip(("dx", "dW", "dW'", "dλ", "db"), *grads):
+    for name, outside, inside in zip(GRAD_NAMES, *grads):
         assert outside.dtype == torch.float32 and torch.equal(outside, inside), name
 
 
@@ -297,11 +298,6 @@ def test_reference_double_backward():
 
 
 # ---------------------------------------------------------------------------- torch.func transforms
-def _math64(x, w, a, s, b):
-    """y straight from the math, in whatever dtype it is given (the oracle for the transforms)."""
-    return torch.nn.functional.linear(x, w + s.view(-1, 1) * a, b)
-
-
 def _detached(inputs, dtype=None):
     return [t.detach().to(dtype or t.dtype) if t is not None else None for t in inputs]
 
@@ -321,9 +317,9 @@ def test_torch_func_grad_matches_float64(backend, per_channel, bias, dtype):
 
     with use_backend(backend):
         grads = torch.func.grad(loss, argnums=argnums)(*inputs)
-    grads64 = torch.func.grad(lambda *t: (_math64(*t) * dy.double()).sum(), argnums=argnums)(
+    grads64 = torch.func.grad(lambda *t: (linear_math(*t) * dy.double()).sum(), argnums=argnums)(
         *_detached(inputs, torch.float64))
-    for name, g, g64, t in zip(("dx", "dW", "dW'", "dλ", "db"), grads, grads64, inputs):
+    for name, g, g64, t in zip(GRAD_NAMES, grads, grads64, inputs):
         assert g.shape == g64.shape and g.dtype == t.dtype, name  # λ's gradient in λ's fp32
         assert rel_err(g, g64) < tolerance(dtype, DEVICE), name
 
@@ -342,7 +338,7 @@ def test_vmap_per_sample_gradients():
     for i in range(5):
         leaves = [t.clone().requires_grad_(True) for t in (w, a, s, b)]
         (cross_modal_linear(x[i], *leaves[:3], leaves[3]) * dy[i]).sum().backward()
-        for name, batched, leaf in zip(("dW", "dW'", "dλ", "db"), per_sample, leaves):
+        for name, batched, leaf in zip(GRAD_NAMES[1:], per_sample, leaves):
             assert rel_err(batched[i], leaf.grad) < tolerance(torch.float32, DEVICE), (i, name)
 
 
@@ -356,10 +352,10 @@ def test_vmap_over_stacked_weights_and_inputs():
     grads = torch.func.vmap(torch.func.grad(lambda *t: cross_modal_linear(*t).square().sum(), argnums=(1, 3)))(
         x, w, a, s, b)
     for i in range(e):
-        y64 = _math64(*_detached((x[i], w[i], a[i], s[i], b[i]), torch.float64))
+        y64 = linear_math(*_detached((x[i], w[i], a[i], s[i], b[i]), torch.float64))
         assert rel_err(ys[i], y64) < tolerance(torch.float32, DEVICE)
         w64, s64 = w[i].double().requires_grad_(True), s[i].double().requires_grad_(True)
-        _math64(x[i].double(), w64, a[i].double(), s64, b[i].double()).square().sum().backward()
+        linear_math(x[i].double(), w64, a[i].double(), s64, b[i].double()).square().sum().backward()
         tol = tolerance(torch.float32, DEVICE)
         assert rel_err(grads[0][i], w64.grad) < tol and rel_err(grads[1][i], s64.grad) < tol
 
@@ -372,18 +368,18 @@ def test_jvp_jacfwd_jacrev_and_hessian_match_the_math(per_channel):
     tangents = [torch.randn_like(t) for t in inputs]
     with use_backend("reference"):
         y, y_t = torch.func.jvp(cross_modal_linear, tuple(inputs), tuple(tangents))
-    y64, y64_t = torch.func.jvp(_math64, tuple(inputs), tuple(tangents))
+    y64, y64_t = torch.func.jvp(linear_math, tuple(inputs), tuple(tangents))
     assert rel_err(y, y64) < 1e-12 and rel_err(y_t, y64_t) < 1e-12
     for only in range(5):  # one tangent at a time: the terms that are left out must stay out
         part = [tangents[i] if i == only else torch.zeros_like(t) for i, t in enumerate(inputs)]
         f = lambda ti, i=only: cross_modal_linear(*[ti if j == i else t for j, t in enumerate(inputs)])
-        f64 = lambda ti, i=only: _math64(*[ti if j == i else t for j, t in enumerate(inputs)])
+        f64 = lambda ti, i=only: linear_math(*[ti if j == i else t for j, t in enumerate(inputs)])
         assert rel_err(torch.func.jvp(f, (inputs[only],), (part[only],))[1],
                        torch.func.jvp(f64, (inputs[only],), (part[only],))[1]) < 1e-12, only
         jf, jr, j64 = torch.func.jacfwd(f)(inputs[only]), torch.func.jacrev(f)(inputs[only]), torch.func.jacrev(f64)(inputs[only])
         assert rel_err(jf, j64) < 1e-12 and rel_err(jr, j64) < 1e-12, only
     loss = lambda s: cross_modal_linear(inputs[0], inputs[1], inputs[2], s, inputs[4]).sin().sum()
-    loss64 = lambda s: _math64(inputs[0], inputs[1], inputs[2], s, inputs[4]).sin().sum()
+    loss64 = lambda s: linear_math(inputs[0], inputs[1], inputs[2], s, inputs[4]).sin().sum()
     assert rel_err(torch.func.hessian(loss)(inputs[3]), torch.func.hessian(loss64)(inputs[3])) < 1e-12
 
 
@@ -395,10 +391,10 @@ def test_forward_mode_ad_with_dual_tensors():
     with fwad.dual_level():
         y = cross_modal_linear(fwad.make_dual(x, x_t), w, a, fwad.make_dual(s, s_t), b)
         y_p, y_t = fwad.unpack_dual(y)
-    _, y64_t = torch.func.jvp(lambda xx, ss: _math64(xx, w.double(), a.double(), ss, b.double()),
+    _, y64_t = torch.func.jvp(lambda xx, ss: linear_math(xx, w.double(), a.double(), ss, b.double()),
                               (x.double(), s.double()), (x_t.double(), s_t.double()))
     tol = tolerance(torch.float32, DEVICE)
-    assert rel_err(y_p, _math64(*_detached((x, w, a, s, b), torch.float64))) < tol
+    assert rel_err(y_p, linear_math(*_detached((x, w, a, s, b), torch.float64))) < tol
     assert rel_err(y_t, y64_t) < tol
 
 
@@ -425,7 +421,7 @@ def test_batched_cotangents(backend):
     batched = torch.autograd.grad(y, inputs, v, is_grads_batched=True, retain_graph=True)
     for i in range(4):
         single = torch.autograd.grad(y, inputs, v[i], retain_graph=True)
-        for name, gb, gs in zip(("dx", "dW", "dW'", "dλ", "db"), batched, single):
+        for name, gb, gs in zip(GRAD_NAMES, batched, single):
             assert rel_err(gb[i], gs) < tolerance(torch.float32, DEVICE), (i, name)
     with use_backend(backend):
         jac = torch.autograd.functional.jacobian(cross_modal_linear, tuple(inputs), vectorize=True)
@@ -448,6 +444,6 @@ def test_double_backward_every_backend(backend):
     with use_backend(backend):
         grads = torch.autograd.grad(penalty(*inputs, cross_modal_linear), inputs)
     leaves64 = [t.detach().double().requires_grad_(True) for t in inputs]
-    grads64 = torch.autograd.grad(penalty(*leaves64, _math64), leaves64)
-    for name, g, g64 in zip(("x", "W", "W'", "λ", "b"), grads, grads64):
+    grads64 = torch.autograd.grad(penalty(*leaves64, linear_math), leaves64)
+    for name, g, g64 in zip(GRAD_NAMES, grads, grads64):
         assert rel_err(g, g64) < tolerance(torch.float32, DEVICE), name

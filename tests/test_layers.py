@@ -12,7 +12,7 @@ import m2pt_kernels
 from m2pt_kernels import FusedCrossModalLinear, use_backend
 from m2pt_kernels.baselines import PaperCrossModalReparamLinear
 
-from helpers import rel_err
+from helpers import linear_math, rel_err
 
 IN, OUT = 33, 17  # not multiples of any tile
 
@@ -28,11 +28,8 @@ def make_layer(bias=True, per_channel=False, aux_trainable=True, dtype=torch.flo
 
 
 def ref64(layer, x):
-    w = layer.weight.detach().double()
-    a = layer.aux_weight.detach().double()
-    s = layer.cross_modal_scale.detach().double().view(-1, 1)
-    b = layer.bias.detach().double() if layer.bias is not None else None
-    return F.linear(x.detach().double(), w + s * a, b)
+    return linear_math(*(t.detach().double() if t is not None else None for t in
+                         (x, layer.weight, layer.aux_weight, layer.cross_modal_scale, layer.bias)))
 
 
 def test_not_an_nn_linear_but_looks_like_one():
@@ -411,8 +408,7 @@ def test_forward_reads_parametrized_and_substituted_tensors(name, aux_trainable)
     swapped = {"weight": torch.randn(OUT, IN), "aux_weight": torch.randn(OUT, IN),
                "cross_modal_scale": torch.randn(1), "bias": torch.randn(OUT)}
     y = functional_call(layer, swapped, (x,))
-    expect = F.linear(x.double(), (swapped["weight"] + swapped["cross_modal_scale"] * swapped["aux_weight"]).double(),
-                      swapped["bias"].double())
+    expect = linear_math(x.double(), *(swapped[k].double() for k in ("weight", "aux_weight", "cross_modal_scale", "bias")))
     assert rel_err(y, expect) < 1e-5
 
 
