@@ -1098,12 +1098,17 @@ def _fmt_ms(v: Optional[float]) -> str:
     return f"{v:.3g}" if v < 100 else f"{v:.0f}"
 
 
+def _fmt_paired(r: dict) -> str:
+    """A ``paired_ratio`` result: ``0.710 (0.700–0.720)``."""
+    return f"{r['median']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
+
+
 def _paired_cell(paired: dict) -> str:
-    """The first of our providers with a paired ratio: ``auto 0.71 (0.70–0.72)``."""
+    """The first of our providers with a paired ratio: ``auto 0.710 (0.700–0.720)``."""
     for p in ("auto", "triton", "cuda", "reference"):
         r = paired.get(p)
         if r:
-            return f"{p} {r['median']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
+            return f"{p} {_fmt_paired(r)}"
     return "-"
 
 
@@ -1153,8 +1158,7 @@ def markdown_table(res: dict, providers: Optional[list[str]] = None, max_priorit
             pk = "-" if v.get("peak_mb") is None else f"{v['peak_mb']:.0f}"
             lines.append(f"| {name} | {_fmt_ms(v['ms'])} | {v.get('x_plain', float('nan')):.3f} | "
                          f"{v['tokens_per_s']:.4g} | {pk} |")
-        pairs = [f"{k} {r['median']:.3f} ({r['ci95'][0]:.3f}–{r['ci95'][1]:.3f})"
-                 for k, r in (wm.get("paired") or {}).items() if r]
+        pairs = [f"{k} {_fmt_paired(r)}" for k, r in (wm.get("paired") or {}).items() if r]
         if pairs:
             lines += ["", f"Paired per-round ratios ({wm.get('interleaved_rounds')} interleaved rounds, 95% CI): "
                           + "; ".join(pairs)]
