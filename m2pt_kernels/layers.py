@@ -37,6 +37,7 @@ Design decisions (each one is something a user can rely on):
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 from typing import Optional, Union
 
@@ -306,12 +307,18 @@ class FusedCrossModalLinear(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         self._cache = None
-        if strict and prefix + "weight" in state_dict and not any(
+        # torch passes strict=True here whatever the caller asked for, and raises on any error message:
+        # an error here would refuse load_state_dict(..., strict=False) too. W' and λ missing from the
+        # checkpoint are reported as missing keys (an error with strict=True, returned with strict=False);
+        # the warning says what that means for a pathway layer.
+        if prefix + "weight" in state_dict and not any(
                 prefix + k in state_dict for k in ("aux_weight", "cross_modal_scale")):
-            error_msgs.append(
-                f"{prefix or '(root)'}: the checkpoint has no pathway for this layer (no {prefix}aux_weight / "
-                f"{prefix}cross_modal_scale): it is a merged or plain checkpoint. Load it into the plain model, "
-                "or load it first and call add_pathways afterwards.")
+            warnings.warn(
+                "FusedCrossModalLinear: the checkpoint has no pathway for this layer (no aux_weight / "
+                "cross_modal_scale keys): it is a plain or merged checkpoint. W and b are loaded, W' and λ keep "
+                "their values. That is right for the target's own pretrained weights; a merged checkpoint "
+                "(W + λ·W' folded in) belongs in the plain model (load it there, or before add_pathways).",
+                stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 

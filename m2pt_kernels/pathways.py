@@ -199,8 +199,9 @@ def _unwrap(obj, where: str) -> Dict[str, Tensor]:
     seen = 0
     while isinstance(obj, Mapping) and seen < 8:
         seen += 1
-        if any(isinstance(v, Tensor) for v in obj.values()):
-            break
+        # A wrapper key holding a mapping is a nested state_dict even when tensors sit next to it
+        # (the ImageNet example's {"state_dict": sd, "best_acc1": tensor, ...}): a state_dict's own
+        # values are tensors, never mappings.
         inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
         if inner is None:
             break
@@ -359,7 +360,7 @@ def _aux_state_dict(aux: AuxSource) -> Dict[str, Tensor]:
     return sd
 
 
-def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str]:
+def _align_names(selected: List[str], aux_keys: Iterable[str], where: str) -> Tuple[str, str]:
     """(target prefix to strip, aux prefix to add) so that target layer names find aux keys.
 
     Exact names first; else one wrapper prefix present on one side only (e.g. ``vit.`` of
@@ -378,6 +379,7 @@ def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str
         for k in keys:  # ... and add whatever the aux key has in front
             if k == rest or k.endswith("." + rest):
                 candidates.add((strip, k[: len(k) - len(rest)]))
+    pairing = []
     for strip, add in sorted(candidates):
         # only a wrapper prefix on one side (``vit.``, ``model.``, ``backbone.``), never a block index,
         # and only if it pairs every selected layer: anything else is not pairing by name
@@ -385,8 +387,17 @@ def _align_names(selected: List[str], aux_keys: Iterable[str]) -> Tuple[str, str
             continue
         hits = sum(n.startswith(strip) and (add + n[len(strip):] + ".weight") in keys for n in selected)
         if hits == len(selected):
-            return strip, add
-    return best
+            pairing.append((strip, add))
+    if len(pairing) > 1:
+        # e.g. an auxiliary model with ``video.`` and ``audio.`` towers of one architecture: which
+        # one is meant is the user's choice, never the alphabet's
+        shown = ", ".join(repr(aux_pre) if aux_pre else f"target's {target_pre!r} dropped"
+                          for target_pre, aux_pre in pairing)
+        raise ValueError(
+            f"add_pathways: {where} holds more than one set of layers that pairs with the target's "
+            f"{selected[0]!r}, ... by name (prefixes {shown}); pass the sub-model to pair with (e.g. "
+            "aux.video instead of aux), or a state_dict holding only its keys.")
+    return pairing[0] if pairing else best
 
 
 def _block_index_counts(names: Iterable[str], containers: Iterable[str]) -> Dict[str, List[int]]:
@@ -401,13 +412,12 @@ def _block_index_counts(names: Iterable[str], containers: Iterable[str]) -> Dict
     return {c: sorted(v) for c, v in out.items()}
 
 
-def _container_of(name: str) -> Optional[str]:
-    """``blocks`` for ``blocks.3.attn.qkv``; ``encoder.layer`` for ``encoder.layer.3.output.dense``."""
+def _containers_of(name: str) -> List[str]:
+    """Every numbered container on the way to ``name``: ``blocks`` for ``blocks.3.attn.qkv``;
+    ``encoder.layer`` for ``encoder.layer.3.output.dense``; ``layers`` and ``layers.2.blocks`` for
+    Swin's ``layers.2.blocks.5.attn.qkv`` (each stage's depth counts)."""
     parts = name.split(".")
-    for i, p in enumerate(parts):
-        if p.isdigit():
-            return ".".join(parts[:i])
-    return None
+    return [".".join(parts[:i]) for i, p in enumerate(parts) if p.isdigit()]
 
 
 def _span(ix: List[int]) -> str:
@@ -416,23 +426,29 @@ def _span(ix: List[int]) -> str:
 
 def _check_depth(model: nn.Module, selected: List[str], aux_keys: List[str], strip: str, add: str,
                  where: str) -> None:
-    containers = sorted({c for c in map(_container_of, selected) if c is not None})
+    """Each numbered container of the selected layers has as many blocks in the auxiliary model as in
+    the target; or, when the selection covers only some of the target's blocks, exactly those."""
+    containers = sorted({c for n in selected for c in _containers_of(n)})
     if not containers:
         return
     target_ix = _block_index_counts([n for n, _ in model.named_modules()], containers)
+    selected_ix = _block_index_counts(selected, containers)
     mapped = [add + c[len(strip):] if c.startswith(strip) else c for c in containers]
     aux_ix_by_mapped = _block_index_counts(aux_keys, mapped)
     for c, mc in zip(containers, mapped):
-        t, a = target_ix[c], aux_ix_by_mapped[mc]
-        if len(t) != len(a):
-            deeper = "deeper" if len(a) > len(t) else "shallower"
-            shown = "" if not mc else f"{mc}."
-            raise ValueError(
-                f"add_pathways: {where} is {deeper} than the target: the target has {c}.{_span(t)} "
-                f"({len(t)} blocks) but the auxiliary model has {shown}{_span(a)} ({len(a)} blocks). Layers are "
-                "paired by name, block i with block i, so both need the same depth (the paper's code "
-                "silently pairs only the first min(depth) blocks). Use an auxiliary model of the target's depth, "
-                "or pass a state_dict holding only the blocks to pair and select them with target_modules.")
+        t, s, a = target_ix[c], selected_ix[c], aux_ix_by_mapped[mc]
+        if len(a) == len(t) or (len(s) < len(t) and a == s):
+            continue
+        deeper = "deeper" if len(a) > len(t) else "shallower"
+        shown = "" if not mc else f"{mc}."
+        subset = (f" (the selected layers are in {c}.{_span(s)}, and the auxiliary blocks are not exactly those)"
+                  if len(s) < len(t) else "")
+        raise ValueError(
+            f"add_pathways: {where} is {deeper} than the target: the target has {c}.{_span(t)} "
+            f"({len(t)} blocks) but the auxiliary model has {shown}{_span(a)} ({len(a)} blocks){subset}. Layers "
+            "are paired by name, block i with block i, so both need the same depth (the paper's code "
+            "silently pairs only the first min(depth) blocks). Use an auxiliary model of the target's depth, "
+            "or pass a state_dict holding only the blocks to pair and select them with target_modules.")
 
 
 def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfig] = None) -> nn.Module:
@@ -459,8 +475,16 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     where = f"the auxiliary model ({type(aux).__name__})" if isinstance(aux, nn.Module) else "the auxiliary weights"
     selected, how = _select(model, config)
     modules = dict(model.named_modules())
+    aliases: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        aliases.setdefault(id(m), []).append(n)
     for name in selected:
         m = modules[name]
+        if len(aliases[id(m)]) > 1:
+            raise ValueError(
+                f"add_pathways: {name!r} is one module shared under several names ({aliases[id(m)]}): a pathway "
+                "pairs one target layer with the same-named auxiliary layer, and a shared (tied) layer has several "
+                "names. Untie it first (give each name its own copy), or exclude it with exclude_modules.")
         if not isinstance(m, nn.Linear):
             raise TypeError(f"add_pathways: {name!r} matches {how} but is a {type(m).__name__}, not an nn.Linear; "
                             "narrow target_modules (or exclude_modules) to linear layers")
@@ -469,7 +493,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
             raise TypeError(f"add_pathways: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
                             "weight directly instead of calling it; a pathway there would be ignored. Exclude it.")
     aux_keys = list(aux_sd)
-    strip, add = _align_names(selected, aux_keys)
+    strip, add = _align_names(selected, aux_keys, where)
     hits = sum(((add + n[len(strip):]) if n.startswith(strip) else n) + ".weight" in aux_sd for n in selected)
     if hits == 0:
         sample = [k for k in aux_keys if k.endswith(".weight")][:6]
@@ -531,13 +555,18 @@ def merge_pathways(model: nn.Module) -> nn.Module:
     """
     if _is_pathway_module(model):
         return _merge_module(model)
-    names = [n for n, m in model.named_modules() if n and _is_pathway_module(m)]
-    if not names:
+    # every name of a shared (tied) layer, so each gets the one merged layer and the tie survives
+    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _is_pathway_module(m)]
+    if not found:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
                          "CrossModalReparamLinear layers): it is already merged or a plain model")
-    for name in names:
+    merged: Dict[int, nn.Linear] = {}
+    for name, m in found:
         parent, child = _get_parent(model, name)
-        setattr(parent, child, _merge_module(getattr(parent, child)))
+        if getattr(parent, child) is m:  # not yet replaced through another name of a shared parent
+            if id(m) not in merged:
+                merged[id(m)] = _merge_module(m)
+            setattr(parent, child, merged[id(m)])
     return model
 
 
@@ -571,15 +600,20 @@ def mark_only_scales_trainable(model: nn.Module, modules_to_save: Union[str, Seq
     return model
 
 
-_NO_DECAY_NAMES = ("pos_embed", "cls_token")
+# Substrings of the parameter names that never decay: position embeddings (timm ``pos_embed``, Hugging
+# Face ``embeddings.position_embeddings``, CLIP's ``position_embedding``), Swin's relative position bias
+# tables, and the class / distillation / register / mask tokens (what timm's ``no_weight_decay`` lists).
+_NO_DECAY_NAMES = ("pos_embed", "position_embedding", "relative_position_bias_table",
+                   "cls_token", "dist_token", "reg_token", "mask_token")
 
 
 def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.05,
                  scale_lr_mult: float = 1.0) -> List[dict]:
     """Optimizer parameter groups for training with pathways (trainable parameters only).
 
-    - matrices (2-D and up) decay with ``weight_decay``, except position embeddings and class tokens
-      (names containing ``pos_embed`` / ``cls_token``);
+    - matrices (2-D and up) decay with ``weight_decay``, except position embeddings, relative position
+      bias tables and class / distillation / register / mask tokens (names containing one of
+      ``_NO_DECAY_NAMES``: timm's and Hugging Face's names);
     - biases, norms and the rest: no decay;
     - every pathway's λ (``cross_modal_scale``): no decay, learning rate ``lr * scale_lr_mult``
       (one scalar per layer, starting at 0, usually wants a larger step than the weights).

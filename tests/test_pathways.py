@@ -233,12 +233,24 @@ def test_merge_state_dict_bf16_fp32_math():
     assert torch.equal(out["l.weight"], (w.float() + 0.3 * a.float()).to(torch.bfloat16))
 
 
-def test_loading_a_merged_checkpoint_into_a_pathway_model_says_so():
+def test_loading_a_plain_checkpoint_into_a_pathway_model_says_so_and_honours_strict():
     target, aux = toy_pair()
-    plain_sd = target.state_dict()
+    plain_sd = {k: torch.randn_like(v) for k, v in target.state_dict().items()}
     add_pathways(target, aux)
-    with pytest.raises(RuntimeError, match=r"blocks\.0\.attn\.qkv\.: the checkpoint has no pathway.*merged or plain"):
-        target.load_state_dict(plain_sd)
+    randomize_scales(target)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.warns(UserWarning, match="no pathway for this layer.*plain or merged checkpoint"):
+        with pytest.raises(RuntimeError, match=r'Missing key\(s\).*"blocks\.0\.attn\.qkv\.aux_weight"'):
+            target.load_state_dict(plain_sd)
+    # strict=False: the target's own pretrained weights load, W' and λ keep their values, and the
+    # missing keys are returned (torch passes strict=True to every layer: an error there would refuse it)
+    with pytest.warns(UserWarning, match="no pathway for this layer"):
+        missing, unexpected = target.load_state_dict(plain_sd, strict=False)
+    assert not unexpected
+    assert set(missing) == {f"{n}.{k}" for n in pathway_names(target) for k in ("aux_weight", "cross_modal_scale")}
+    after = target.state_dict()
+    for k, v in after.items():
+        assert torch.equal(v, plain_sd[k] if k in plain_sd else before[k]), k
 
 
 def test_merge_errors():
@@ -332,6 +344,78 @@ def test_error_depth_mismatch_both_ways():
     target, aux = toy_pair(depth=2, aux_depth=3)
     with pytest.raises(ValueError, match=r"deeper than the target.*\(2 blocks\).*\(3 blocks\)"):
         add_pathways(target, aux)
+
+
+def test_depth_check_follows_the_selection():
+    # a subset of the target's blocks pairs with an auxiliary state_dict holding exactly those blocks
+    layers = r"\.(attn\.qkv|attn\.proj|mlp\.fc1|mlp\.fc2)"
+    target, aux = toy_pair(depth=3, aux_depth=2)
+    add_pathways(target, aux.state_dict(), PathwayConfig(target_modules=r"blocks\.(0|1)" + layers))
+    assert pathway_names(target) == [f"blocks.{i}.{n}" for i in (0, 1) for n in TIMM_LAYERS]
+    assert torch.equal(target.blocks[1].mlp.fc2.aux_weight, aux.blocks[1].mlp.fc2.weight)
+    # ... but not other blocks of the same count
+    target, aux = toy_pair(depth=3, aux_depth=2)
+    with pytest.raises(ValueError, match=r"shallower.*selected layers are in blocks\.1-2.*not exactly those"):
+        add_pathways(target, aux, PathwayConfig(target_modules=r"blocks\.(1|2)" + layers))
+    assert not pathway_names(target)
+
+
+class ToyStages(nn.Module):
+    """Swin's nesting: ``stages.<s>.blocks.<i>.attn.qkv``, each stage with its own depth."""
+
+    def __init__(self, depths, d=16):
+        super().__init__()
+        self.stages = nn.ModuleList(nn.Module() for _ in depths)
+        for stage, depth in zip(self.stages, depths):
+            stage.blocks = nn.Sequential(*[Block(d) for _ in range(depth)])
+
+
+def test_depth_check_in_nested_containers():
+    target = ToyStages((2, 2))
+    with pytest.raises(ValueError, match=r"deeper.*stages\.1\.blocks\.0-1 \(2 blocks\).*stages\.1\.blocks\.0-2 \(3 blocks\)"):
+        add_pathways(target, ToyStages((2, 3)))
+    with pytest.raises(ValueError, match=r"shallower.*stages\.0-1 \(2 blocks\).*stages\.0-0 \(1 blocks\)"):
+        add_pathways(target, ToyStages((2,)))
+    assert not pathway_names(target)
+    aux = ToyStages((2, 2))
+    add_pathways(target, aux)
+    assert len(pathway_names(target)) == 4 * 4
+    assert torch.equal(target.stages[1].blocks[1].attn.qkv.aux_weight, aux.stages[1].blocks[1].attn.qkv.weight)
+
+
+def test_error_aux_with_two_matching_sub_models():
+    target, aux = toy_pair()
+    towers = nn.Module()
+    towers.video, towers.audio = aux, ToyViT(d=24)
+    with pytest.raises(ValueError, match=r"more than one set of layers.*'audio\.', 'video\.'.*aux\.video"):
+        add_pathways(target, towers)
+    assert not pathway_names(target)
+    add_pathways(target, towers.video)
+    assert torch.equal(target.blocks[0].attn.qkv.aux_weight, aux.blocks[0].attn.qkv.weight)
+
+
+def test_shared_layers():
+    # a layer shared under two names can't pair with two auxiliary layers: an error, nothing changed
+    target, aux = toy_pair()
+    target.blocks[1].mlp.fc1 = target.blocks[0].mlp.fc1
+    with pytest.raises(ValueError, match=r"'blocks\.0\.mlp\.fc1' is one module shared under several names "
+                                         r"\(\['blocks\.0\.mlp\.fc1', 'blocks\.1\.mlp\.fc1'\]\)"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+    add_pathways(target, aux, PathwayConfig(exclude_modules=("head", "mlp.fc1")))
+    assert target.blocks[1].mlp.fc1 is target.blocks[0].mlp.fc1
+    # merging keeps a shared pathway layer shared, under every name (a whole shared block too)
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    randomize_scales(target)
+    target.blocks[1].mlp.fc1 = target.blocks[0].mlp.fc1
+    target.blocks[2] = target.blocks[0]
+    x = torch.randn(2, 5, 10)
+    want = target(x)
+    merge_pathways(target)
+    assert not any(isinstance(m, FusedCrossModalLinear) for _, m in target.named_modules(remove_duplicate=False))
+    assert target.blocks[1].mlp.fc1 is target.blocks[0].mlp.fc1 and target.blocks[2] is target.blocks[0]
+    assert rel_err(target(x), want) < 1e-6
 
 
 def test_error_missing_or_mis_shaped_aux_layer():
@@ -428,6 +512,11 @@ def test_checkpoint_helpers(tmp_path):
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not read"):
         load_checkpoint(tmp_path / "junk.pth")
+    # PyTorch's ImageNet example: the state_dict next to tensors of its own (best_acc1)
+    torch.save({"epoch": 90, "arch": "vit", "state_dict": {f"module.{k}": v for k, v in sd.items()},
+                "best_acc1": torch.tensor(81.2), "optimizer": {"state": {}, "param_groups": []}},
+               tmp_path / "imagenet_example.pth")
+    assert set(load_checkpoint(tmp_path / "imagenet_example.pth")) == set(sd)
     torch.save({"epoch": 3, "note": "nothing"}, tmp_path / "empty.pth")
     with pytest.raises(ValueError, match="no tensors found"):
         load_checkpoint(tmp_path / "empty.pth")
@@ -573,3 +662,21 @@ def test_param_groups_split_decay_no_decay_and_scales():
     assert by_id[id(named["tokenizer.pos_embed"])]["weight_decay"] == 0.0
     assert by_id[id(named["blocks.0.norm1.weight"])]["weight_decay"] == 0.0
     assert all(g["params"] for g in groups)
+
+
+def test_param_groups_no_decay_names_of_timm_and_hugging_face():
+    from m2pt_kernels.pathways import param_groups
+
+    model = nn.Module()
+    model.embeddings = nn.Module()  # Hugging Face ViT's names
+    model.embeddings.position_embeddings = nn.Parameter(torch.randn(1, 5, 4))
+    model.embeddings.cls_token = nn.Parameter(torch.randn(1, 1, 4))
+    model.embeddings.mask_token = nn.Parameter(torch.randn(1, 1, 4))
+    model.position_embedding = nn.Embedding(5, 4)  # CLIP's
+    model.reg_token = nn.Parameter(torch.randn(1, 4, 4))  # timm's register and distillation tokens
+    model.dist_token = nn.Parameter(torch.randn(1, 1, 4))
+    model.relative_position_bias_table = nn.Parameter(torch.randn(9, 2))  # Swin's
+    model.fc = nn.Linear(4, 4)
+    decay, no_decay = param_groups(model, 1e-3, weight_decay=0.1)
+    assert decay["weight_decay"] == 0.1 and [id(p) for p in decay["params"]] == [id(model.fc.weight)]
+    assert len(no_decay["params"]) == 8 and no_decay["weight_decay"] == 0.0
