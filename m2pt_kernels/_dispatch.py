@@ -37,7 +37,10 @@ FUSED_DTYPES = {
 }
 ENV_VAR = "M2PT_BACKEND"
 
-_override: list[str] = []
+# use_backend's blocks, innermost last: one (name,) tuple per block, so that a block leaving removes its
+# own entry even when blocks of several threads interleave (it is process-wide, like
+# torch.nn.attention.sdpa_kernel: torch.compile guards on it, which it can't on thread-local state).
+_override: list[tuple[str]] = []
 
 
 def _check_name(name: str, where: str) -> str:
@@ -81,18 +84,24 @@ def use_backend(name: str) -> Iterator[str]:
     """Context manager selecting the backend for ``cross_modal_linear`` inside its block.
 
     ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``. A backend that cannot run in
-    this process is refused here, at entry, with the reason.
+    this process is refused here, at entry, with the reason. The choice is process-wide while the
+    block runs (other threads see it too, like ``torch.nn.attention.sdpa_kernel``); the innermost
+    block still open wins, and a block that ends removes only its own choice.
     """
     _check_name(name, "use_backend")
     if name != "auto":
         ok, why = backend_status()[name]
         if not ok:
             raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
-    _override.append(name)
+    entry = (name,)  # a new object per block: removed by identity
+    _override.append(entry)
     try:
         yield name
     finally:
-        _override.pop()
+        for i in range(len(_override) - 1, -1, -1):
+            if _override[i] is entry:
+                del _override[i]
+                break
 
 
 _ENV_KEY = os.environ.encodekey(ENV_VAR) if hasattr(os.environ, "encodekey") else ENV_VAR
@@ -112,7 +121,7 @@ def _env_backend() -> str | None:
 def requested_backend() -> str:
     """The backend asked for right now: ``use_backend`` > ``$M2PT_BACKEND`` > ``auto``."""
     if _override:
-        return _override[-1]
+        return _override[-1][0]
     env = _env_backend()
     if env:
         return _check_name(env.strip().lower(), f"${ENV_VAR}")

@@ -262,7 +262,8 @@ class FusedCrossModalLinear(nn.Module):
         # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight (the cache
         # keys on data pointers, which batched and dual tensors of torch.func transforms don't have).
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type):
+        if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type) \
+                and x.dtype != torch.float64 and weight.dtype != torch.float64:  # autocast leaves float64 alone
             dtype = torch.get_autocast_dtype(device_type)
         else:
             check_inputs(x, weight, aux_weight, scale, bias, where=type(self).__name__)

@@ -79,6 +79,42 @@ def test_non_contiguous_x_and_frozen_aux(backend, aux_trainable):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("x_grad", [True, False])
+def test_strided_and_sliced_weights(backend, per_channel, x_grad):
+    """W and W' as transposed views, W' also as a column slice of a wider matrix: every gradient,
+    with and without dx (the reference's eager backward reuses a buffer of W's layout for G)."""
+    inputs = list(make_inputs((13,), 19, 11, torch.float32, per_channel=per_channel, strided_weight=True))
+    inputs[0].requires_grad_(x_grad)
+    check_against_reference(backend, inputs, torch.float32)
+    for t in inputs:
+        t.grad = None
+    inputs[2] = (torch.randn(11, 30, device=DEVICE) / 19 ** 0.5)[:, 5:24].requires_grad_(True)
+    assert not inputs[2].is_contiguous()
+    check_against_reference(backend, inputs, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_aux_grad_from_the_fp32_g(backend, dtype):
+    """λ frozen, W' trainable, a loss-scaled dy (as under GradScaler) whose G = dyᵀx is beyond fp16's
+    range while dW' = λ·G is not: dW' comes out finite and right (λ·G from the fp32 G, as the fused
+    kernels do), and exactly 0 where λ = 0, not inf or NaN."""
+    x = torch.randn(64, 24, device=DEVICE, dtype=dtype)
+    dy = (torch.randn(64, 16, device=DEVICE) * 2 ** 12).to(dtype)
+    g = dy.double().t() @ x.double()
+    w = (torch.randn(16, 24, device=DEVICE) / 24 ** 0.5).to(dtype)
+    a = (torch.randn(16, 24, device=DEVICE) / 24 ** 0.5).to(dtype).requires_grad_(True)
+    s = torch.rand(16, device=DEVICE) * 1e-3 + 1e-4
+    s[:3] = 0
+    assert dtype == torch.bfloat16 or g.abs().max() > torch.finfo(dtype).max
+    with use_backend(backend):
+        cross_modal_linear(x, w, a, s, None).backward(dy)
+    assert torch.isfinite(a.grad).all() and (a.grad[:3] == 0).all()
+    assert rel_err(a.grad, s.double().view(-1, 1) * g) < TOL[dtype]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_linear_probe_writes_only_scale_and_x_grads(backend):
     """Only λ and x need gradients: dW, dW' and db are never produced."""
     inputs = make_inputs((9,), 21, 14, torch.float32, weight_trainable=False, aux_trainable=False)
@@ -175,6 +211,16 @@ def test_autocast_behaves_like_f_linear():
     assert s.grad is not None and s.grad.dtype == torch.float32
 
 
+def test_autocast_leaves_float64_alone_like_f_linear():
+    x, w, a, s, b = make_inputs((5,), 16, 12, torch.float64)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        y = cross_modal_linear(x, w, a, s, b)
+        assert y.dtype == torch.nn.functional.linear(x, w, b).dtype == torch.float64
+        with pytest.raises(TypeError, match="x is float64 but weight is bfloat16"):
+            cross_modal_linear(x, w.float(), a.float(), s, b.float())
+    assert rel_err(y, linear_math(x, w, a, s.double(), b)) < 1e-12
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_backward_inside_the_autocast_region_changes_no_gradient(backend):
     """``loss.backward()`` inside the ``with torch.autocast(...)`` block runs the backward under
@@ -238,6 +284,23 @@ def test_env_var_selects_backend(monkeypatch):
         cross_modal_linear(*_good())
     with use_backend("reference"):  # the context manager wins over the environment
         assert _dispatch.requested_backend() == "reference"
+
+
+def test_use_backend_blocks_ending_out_of_order(monkeypatch):
+    """Blocks of two threads interleave: each one that ends removes its own choice, not the newest."""
+    monkeypatch.delenv("M2PT_BACKEND", raising=False)
+    outer, inner = use_backend("reference"), use_backend("auto")
+    outer.__enter__()
+    inner.__enter__()
+    assert _dispatch.requested_backend() == "auto"
+    outer.__exit__(None, None, None)  # the older block ends first (another thread's, say)
+    assert _dispatch.requested_backend() == "auto"
+    again = use_backend("reference")
+    again.__enter__()
+    inner.__exit__(None, None, None)
+    assert _dispatch.requested_backend() == "reference"
+    again.__exit__(None, None, None)
+    assert _dispatch.requested_backend() == "auto" and not _dispatch._override
 
 
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):

@@ -392,6 +392,13 @@ def _under_transforms(x, weight, aux_weight, scale, bias, backend: str) -> Tenso
     return _TransformableCrossModalLinear.apply(x, weight, aux_weight, scale, bias)
 
 
+def _autocast_args(dtype: torch.dtype, *tensors):
+    """What autocast does to ``F.linear``'s arguments: floating-point tensors to ``dtype``, except
+    float64 ones (autocast leaves those alone; a mix of float64 and other dtypes is then an error)."""
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64
+                 else t for t in tensors)
+
+
 def cross_modal_linear(
     x: Tensor,
     weight: Tensor,
@@ -410,11 +417,8 @@ def cross_modal_linear(
     if compiling or _any_autocast_enabled():
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
         if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            x, weight, aux_weight = (t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t
-                                     for t in (x, weight, aux_weight))
-            if isinstance(bias, Tensor) and bias.is_floating_point():
-                bias = bias.to(dtype)
+            x, weight, aux_weight, bias = _autocast_args(torch.get_autocast_dtype(device_type),
+                                                         x, weight, aux_weight, bias)
     check_inputs(x, weight, aux_weight, cross_modal_scale, bias)  # one fast check when all is well
     backend = _dispatch.resolve(x)
     if compiling:

@@ -68,16 +68,18 @@ def wgrad(
     """``out``: a dead [N, K] tensor of dy's dtype to write G into (see ``backward``). Reductions and
     dW' in the compute dtype (``_as`` casts only where the dtypes differ).
 
-    bf16 / fp16 with dλ asked for: G = dyᵀx is computed with an fp32 result (the operands cast to
-    fp32, products exact) and rounded once for dW. dλ sums N·K (one λ) products G ⊙ W' whose signs
-    mix; from a G rounded to bf16 its error would be about 2⁻⁹·‖G ⊙ W'‖, which, when the sum is
-    small against its terms, is several percent of dλ itself (measured: one random draw in ten at
-    ViT-Ti widths beyond bf16's 2e-2). The fused kernels reduce dλ from their fp32 accumulators."""
+    bf16 / fp16 with dλ or dW' asked for: G = dyᵀx is computed with an fp32 result (the operands
+    cast to fp32, products exact) and rounded once for dW, as the fused kernels use their fp32
+    accumulators. dλ sums N·K (one λ) products G ⊙ W' whose signs mix; from a G rounded to bf16 its
+    error would be about 2⁻⁹·‖G ⊙ W'‖, which, when the sum is small against its terms, is several
+    percent of dλ itself (measured: one random draw in ten at ViT-Ti widths beyond bf16's 2e-2).
+    dW' = λ·G is representable in fp16 where G is not (a GradScaler-scaled dy, λ small): from a G
+    rounded to fp16 it would be inf, or NaN for λ = 0."""
     dw = daux = dscale = db = None
     dt = dy2.dtype
     cd = _compute_dtype(dt)
     if need_weight or need_aux or need_scale:
-        if need_scale and dt != cd:
+        if (need_scale or need_aux) and dt != cd:
             gc = _mm_in(dy2.t(), x2, cd)  # G = dyᵀx in fp32, [N, K]
             g = (out.copy_(gc) if out is not None else gc.to(dt)) if need_weight else None
         else:
@@ -129,7 +131,7 @@ def backward(
             if need_aux:
                 daux = g * lam
             if need_scale:
-                dscale = (torch.dot(g.view(-1), aux_weight.view(-1)).view(1) if lam is scale
+                dscale = (torch.dot(g.reshape(-1), aux_weight.reshape(-1)).view(1) if lam is scale
                           else (g * aux_weight).sum(1))
         if need_bias:
             db = dy2.sum(0)
