@@ -14,14 +14,7 @@ from m2pt_kernels import bench  # noqa: E402
 
 
 def main(argv=None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "--out" not in argv and "--no-save" not in argv:
-        import torch
-        dev = torch.device("cuda" if torch.cuda.is_available() and "--device" not in argv else
-                           (argv[argv.index("--device") + 1] if "--device" in argv else "cpu"))
-        out = os.path.join(HERE, "results", os.path.basename(bench.default_out(dev)).replace("m2pt-bench-", ""))
-        argv += ["--out", out]
-    return bench.main(argv)
+    return bench.main(argv, results_dir=os.path.join(HERE, "results"))
 
 
 if __name__ == "__main__":

@@ -1243,9 +1243,13 @@ def _write_json(res: dict, path: Optional[str]) -> None:
     os.replace(tmp, path)
 
 
-def default_out(device: torch.device) -> str:
+def default_out(device: torch.device, results_dir: Optional[str] = None) -> str:
+    """``<results_dir>/<date>-<device>.json``; without a folder, ``benchmarks/results/`` when run from
+    the repository root, else ``./m2pt-bench-<date>-<device>.json``."""
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d")
     name = f"{date}-{device_slug(device)}.json"
+    if results_dir is not None:
+        return os.path.join(results_dir, name)
     if os.path.isdir(os.path.join("benchmarks", "results")):
         return os.path.join("benchmarks", "results", name)
     return f"m2pt-bench-{name}"
@@ -1336,7 +1340,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop timing paper_compiled once its compiles took this long (default 30%% of --budget-s)")
     p.add_argument("--no-compile", action="store_true", help="skip paper_compiled")
     p.add_argument("--allow-interpreter", action="store_true", help="time the triton backend under TRITON_INTERPRET")
-    p.add_argument("--out", default=None, help="results JSON (default benchmarks/results/<date>-<device>.json)")
+    p.add_argument("--out", default=None,
+                   help="results JSON (default: benchmarks/results/<date>-<device>.json when run from the "
+                        "repository root or through benchmarks/run.py, else ./m2pt-bench-<date>-<device>.json)")
     p.add_argument("--no-save", action="store_true", help="write no JSON")
     p.add_argument("--plot", default=None, help="also draw the PNG here")
     p.add_argument("--threads", type=int, default=None,
@@ -1367,7 +1373,7 @@ def run(args) -> dict:
     compile_budget = args.compile_budget_s if args.compile_budget_s is not None else (
         0.3 * args.budget_s if args.budget_s else None)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
-    out_path = None if args.no_save else (args.out or default_out(device))
+    out_path = None if args.no_save else (args.out or default_out(device, getattr(args, "results_dir", None)))
 
     status = provider_status(device, args.allow_interpreter, compile_ok=not args.no_compile)
     wanted = list(PROVIDERS) if not args.providers else [p.strip() for p in args.providers.split(",") if p.strip()]
@@ -1486,10 +1492,12 @@ def plan_only(args) -> int:
     return 0
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: Optional[list[str]] = None, results_dir: Optional[str] = None) -> int:
     """``m2pt bench [ARGS]``: run the benchmarks (quick mode by default), write the JSON, print the
-    target check and the markdown table last. Returns 0 when the run completed."""
+    target check and the markdown table last. Returns 0 when the run completed. ``results_dir``: where
+    the JSON goes when ``--out`` is not given (see ``default_out``)."""
     args = build_parser().parse_args(argv)
+    args.results_dir = results_dir
     if args.plan_only:
         return plan_only(args)
     threads = torch.get_num_threads()

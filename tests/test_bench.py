@@ -312,3 +312,20 @@ def test_plan_only_touches_no_device(capsys):
     keep = [l for l in out.splitlines() if l.startswith("keep")]
     assert len(keep) >= 16 and all(" p0 " in l for l in keep[:16])
     assert "dropped" in out.splitlines()[-1]
+
+
+def test_run_script_honours_out_forms_and_plans_without_a_gpu(tmp_path):
+    """benchmarks/run.py passes every argument through as written (``--out=PATH`` too) and only
+    supplies the default folder; `--plan-only` there touches no device either."""
+    script = [sys.executable, os.path.join(ROOT, "benchmarks", "run.py")]
+    out = tmp_path / "eq.json"
+    args = ["--tiny", "--no-compile", "--no-whole-model", "--passes", "fwd", "--target-s", "0.01", f"--out={out}"]
+    run = subprocess.run(script + args, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert f"results: {out}" in run.stdout and out.is_file()
+    plan = subprocess.run(script + ["--device", "cuda", "--mode", "full", "--budget-s", "195", "--plan-only"],
+                          capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    bad = subprocess.run(script + ["--tiny", "--device"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--device: expected one argument" in bad.stderr
+    assert bench.default_out(torch.device("cpu"), str(tmp_path)).startswith(str(tmp_path / ""))
