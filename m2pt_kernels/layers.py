@@ -14,7 +14,10 @@ Design decisions (each one is something a user can rely on):
 - A trainable auxiliary weight is a Parameter; a frozen one is a persistent buffer: it is saved and
   moved with the module but never handed to an optimizer.
 - λ (``cross_modal_scale``) stays fp32 (or fp64) when the module is cast with ``.to(bfloat16)``,
-  ``.half()`` and the like: a bf16 λ near 0 cannot learn small steps.
+  ``.half()`` and the like: a bf16 λ near 0 cannot learn small steps. FSDP2 wants one dtype for all
+  the parameters it shards together: keep the model in fp32 and use its ``MixedPrecisionPolicy``
+  (the layer computes with a frozen W', a buffer FSDP2 does not cast, in W's dtype), or set
+  ``keep_scale_fp32 = False`` on the layers before casting them to bf16.
 - ``from_linear`` reuses the target layer's ``weight`` / ``bias`` Parameter objects (an optimizer
   built before the conversion keeps updating the right tensors); the auxiliary weight is always
   copied (the auxiliary model is never modified or aliased) and cast to W's dtype and device.
@@ -108,6 +111,7 @@ class FusedCrossModalLinear(nn.Module):
     """
 
     cache_merged_weight: bool = True
+    keep_scale_fp32: bool = True  # False: λ follows .to(dtype) / .half() like every other tensor
 
     def __init__(
         self,
@@ -255,6 +259,10 @@ class FusedCrossModalLinear(nn.Module):
         bias = params.get("bias", _MISSING)
         if weight is _MISSING or aux_weight is _MISSING or scale is _MISSING or bias is _MISSING:
             weight, aux_weight, scale, bias = self.weight, self.aux_weight, self.cross_modal_scale, self.bias
+        if aux_weight.dtype is not weight.dtype:
+            # FSDP2's MixedPrecisionPolicy casts the Parameters (W, b, a trainable W') for the forward
+            # but not a frozen W', a buffer: compute with it in W's dtype, as if it were a Parameter
+            aux_weight = aux_weight.to(weight.dtype)
         if torch.is_grad_enabled() and (weight.requires_grad or aux_weight.requires_grad or scale.requires_grad
                                         or (bias is not None and bias.requires_grad)) \
                 or torch.compiler.is_compiling() or transforms_active():
@@ -290,10 +298,10 @@ class FusedCrossModalLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Keep λ (and its grad) at fp32 or wider under .to(bf16)/.half(): apply the cast to learn the
         # target device/dtype, then move the original values there in fp32 (no rounding through bf16).
-        scale = self._parameters.get("cross_modal_scale")
+        scale = self._parameters.get("cross_modal_scale") if self.keep_scale_fp32 else None
         grad = scale.grad if scale is not None else None
 
-        def keep_scale_fp32(t):
+        def cast_keeping_scale(t):
             out = fn(t)
             if (t is scale or (grad is not None and t is grad)) and isinstance(out, Tensor) \
                     and out.is_floating_point():
@@ -303,7 +311,7 @@ class FusedCrossModalLinear(nn.Module):
             return out
 
         self._cache = None
-        return super()._apply(keep_scale_fp32, recurse)
+        return super()._apply(cast_keeping_scale, recurse)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):

@@ -315,6 +315,36 @@ def test_lambda_stays_fp32_under_casts(dtype):
     assert seq[0].cross_modal_scale.dtype == torch.float32
 
 
+def test_scale_follows_casts_when_asked():
+    """keep_scale_fp32 = False (FSDP2 over a model cast to bf16 needs one dtype per group)."""
+    _, _, layer = make_layer(lam=torch.tensor([0.25]))
+    layer.keep_scale_fp32 = False
+    layer.to(torch.bfloat16)
+    assert layer.cross_modal_scale.dtype == layer.weight.dtype == torch.bfloat16
+    x = torch.randn(5, IN, dtype=torch.bfloat16, requires_grad=True)
+    layer(x).float().sum().backward()
+    assert layer.cross_modal_scale.grad.dtype == torch.bfloat16
+    assert rel_err(layer(x), ref64(layer, x)) < 2e-2
+
+
+@pytest.mark.parametrize("aux_trainable", [False, True])
+def test_mixed_precision_parameters_with_a_frozen_aux_buffer(aux_trainable):
+    """What FSDP2's MixedPrecisionPolicy(param_dtype=bf16) hands the forward: W, b, λ (and a trainable
+    W') cast to bf16, a frozen W' (a buffer) left in fp32. The layer computes with W' in W's dtype."""
+    _, _, layer = make_layer(aux_trainable=aux_trainable, lam=torch.tensor([0.6]))
+    for name in ("weight", "bias", "cross_modal_scale") + (("aux_weight",) if aux_trainable else ()):
+        layer._parameters[name] = nn.Parameter(layer._parameters[name].detach().bfloat16())
+    assert (layer.aux_weight.dtype == torch.bfloat16) == aux_trainable
+    x = torch.randn(2, 7, IN, dtype=torch.bfloat16, requires_grad=True)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16 and rel_err(y, ref64(layer, x)) < 2e-2
+    y.float().sum().backward()
+    assert layer.weight.grad.dtype == torch.bfloat16 and layer.cross_modal_scale.grad is not None
+    layer.eval()
+    with torch.no_grad():
+        assert rel_err(layer(x), ref64(layer, x)) < 2e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_layer_against_float64(dtype):
     _, _, layer = make_layer(dtype=dtype, lam=torch.tensor([0.7]))
