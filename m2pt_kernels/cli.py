@@ -168,7 +168,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         demo.run(args)
     except ImportError as exc:
         raise UserError(f"m2pt demo: {_one_line(exc)}") from None
-    except demo.DemoOptionError as exc:  # bad option values (steps < 1, unknown device, ...)
+    except demo.DemoOptionError as exc:  # bad option values (steps < 1, device, --out, $M2PT_BACKEND, ...)
         raise UserError(f"m2pt demo: {_one_line(exc)}") from None
     return 0
 

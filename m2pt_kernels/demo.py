@@ -124,15 +124,50 @@ def _progress(total: int, desc: str, enabled: bool):
 
 
 def _pick_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N``: the devices the demo runs on (others are refused here,
+    before any training, instead of failing half-way through)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
         raise DemoOptionError(f"--device {name!r} is not a torch device ({exc})") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DemoOptionError(f"--device {name}: the demo runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DemoOptionError(f"--device {name}: CUDA is not available here (torch {torch.__version__})")
+        raise DemoOptionError(f"--device {name}: CUDA is not available here (torch {torch.__version__}); "
+                              "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise DemoOptionError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) visible "
+                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
+
+
+def _check_backend(device: torch.device) -> None:
+    """The backend asked for (``use_backend`` / ``$M2PT_BACKEND``) must run the op on ``device`` in
+    float32; checked before any training, so a bad choice is one line, not a traceback mid-run."""
+    from ._dispatch import ENV_VAR, requested_backend, resolve
+    try:
+        resolve(torch.empty(0, device=device), requested_backend())
+    except ValueError as exc:  # an unknown name; the message says where it came from
+        raise DemoOptionError(f"{exc}") from None
+    except (RuntimeError, TypeError) as exc:  # a known backend that can't run here
+        hint = f"; or unset {ENV_VAR} (or set it to auto or reference)" if os.environ.get(ENV_VAR) else ""
+        raise DemoOptionError(f"{exc}{hint}") from None
+
+
+def _prepare_out(path: str) -> Path:
+    """Create the report folder ``--out`` (parents too) and check that it can be written."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise DemoOptionError(f"--out {path}: exists and is not a folder; pass a folder for the report")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DemoOptionError(f"--out {path}: cannot create the report folder: {exc.strerror or exc}") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise DemoOptionError(f"--out {path}: the report folder is not writable; pass another folder")
+    return out
 
 
 def _set_determinism(threads: int, device: torch.device) -> None:
@@ -379,11 +414,13 @@ def _run(args: argparse.Namespace) -> dict:
             raise DemoOptionError(f"{name} must be >= 1, got {v}")
     if aux_steps < 0:
         raise DemoOptionError(f"--aux-steps must be >= 0, got {aux_steps}")
+    if args.threads is not None and args.threads < 1:
+        raise DemoOptionError(f"--threads must be a positive integer, got {args.threads}")
     device = _pick_device(args.device)
+    _check_backend(device)
+    out = _prepare_out(args.out)
     threads = args.threads or 1
     _set_determinism(threads, device)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     progress = lambda total, desc: _progress(total, desc, not args.no_progress)  # noqa: E731
     print(f"m2pt demo: {'quick' if args.quick else 'full'} run on {device} ({threads} CPU threads); "
           f"aux {aux_steps} steps, target {steps} steps x {len(VARIANTS)} variants x {seeds} seed(s); report -> {out}/")

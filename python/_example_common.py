@@ -14,6 +14,10 @@ import torch
 import torch.nn.functional as F
 
 
+# the formats m2pt_kernels.pathways.save_checkpoint writes and `m2pt merge` / load_checkpoint read
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
 def require_timm():
     try:
         import timm
@@ -138,7 +142,51 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--out", default=None, help="write the training checkpoint here (.pth or .safetensors)")
+    g.add_argument("--out", default=None,
+                   help="write the training checkpoint here (.safetensors, .pth, .pt, .bin or .ckpt; "
+                        "its folder must exist)")
+
+
+def check_checkpoint_path(path: str, what: str) -> None:
+    """Exit with a clear message, before any work, when ``path`` can't take a checkpoint:
+    a format ``m2pt merge`` would not read, a folder, or a missing parent folder."""
+    suffix = os.path.splitext(path)[1].lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        sys.exit(f"error: {what} {path!r} has unknown checkpoint format {suffix or '(no suffix)'!r}; "
+                 f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    if os.path.isdir(path):
+        sys.exit(f"error: {what} {path!r} is a folder; pass a checkpoint file path")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        sys.exit(f"error: {what} {path!r}: the folder {folder!r} does not exist; create it first")
+
+
+def check_device(name: str) -> torch.device:
+    """``--device`` parsed and checked to be usable here, or a clear exit (not a traceback mid-run)."""
+    try:
+        dev = torch.device(name)
+    except RuntimeError as exc:
+        sys.exit(f"error: --device {name!r} is not a torch device ({' '.join(str(exc).split())})")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit(f"error: --device {name}: CUDA is not available here (torch {torch.__version__}); "
+                     "use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            sys.exit(f"error: --device {name}: only {torch.cuda.device_count()} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError):  # torch built without that device type (the message is pages long)
+            sys.exit(f"error: --device {name}: this torch ({torch.__version__}) cannot create tensors on {dev.type} "
+                     "here; use cpu or cuda")
+    return dev
+
+
+def check_train_args(args) -> None:
+    """The checks of add_train_args' options that can be made before the model is built and trained."""
+    check_device(args.device)
+    if args.out:
+        check_checkpoint_path(args.out, "--out")
 
 
 def add_aux_args(p: argparse.ArgumentParser) -> None:

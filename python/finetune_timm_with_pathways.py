@@ -9,7 +9,8 @@ pathways away with ``m2pt merge`` or ``python/merge_for_deployment.py``.
 
 Examples:
   # a pipeline check, no data and no checkpoints needed (tiny model, CPU friendly)
-  python python/finetune_timm_with_pathways.py --synthetic --img-size 32 --patch-size 8 --depth 2 --steps 20
+  python python/finetune_timm_with_pathways.py --synthetic --img-size 32 --patch-size 8 --depth 2 --steps 20 \\
+      --out ft.pth
 
   # ImageNet-style folder, a pretrained target and a point-cloud auxiliary whose blocks use timm names
   python python/finetune_timm_with_pathways.py --data-dir /data/imagenet --num-classes 1000 \\
@@ -32,6 +33,7 @@ def main(argv=None) -> int:
     common.add_aux_args(p)
     common.add_train_args(p, lr=5e-4, steps=200)
     args = p.parse_args(argv)
+    common.check_train_args(args)
 
     import torch
 

@@ -20,6 +20,20 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _example_common as common  # noqa: E402
 
 
+def _frozen_tensors(model):
+    """Every tensor that must not change: parameters that don't require grad, and the saved
+    buffers of the pathway layers (the frozen W', ``<layer>.aux_weight``)."""
+    from m2pt_kernels import FusedCrossModalLinear
+
+    params = {n: p for n, p in model.named_parameters() if not p.requires_grad}
+    buffers = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FusedCrossModalLinear):
+            own = {k for k, _ in m.named_parameters()}
+            buffers.update({f"{name}.{k}": t for k, t in m.state_dict(keep_vars=True).items() if k not in own})
+    return params, buffers
+
+
 def main(argv=None) -> int:
     p = common.parser(__doc__)
     common.add_model_args(p)
@@ -28,6 +42,7 @@ def main(argv=None) -> int:
     common.add_train_args(p, lr=1e-3, steps=200)
     p.add_argument("--head", default="head", help="name of the classifier module that also trains (default head)")
     args = p.parse_args(argv)
+    common.check_train_args(args)
 
     import torch
 
@@ -47,12 +62,15 @@ def main(argv=None) -> int:
     n_scales = sum(n.endswith("cross_modal_scale") for n in trainable)
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"{args.model}: training {n_scales} λ tensors + {args.head} ({n_train:,} parameters); everything else frozen")
-    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    params, buffers = _frozen_tensors(model)
+    before = {n: t.detach().clone() for n, t in {**params, **buffers}.items()}
     acc = common.train(model, batches, val, args)
-    changed = [n for n, p in model.named_parameters() if n in before and not torch.equal(p.detach().cpu(), before[n].cpu())]
+    params_after, buffers_after = _frozen_tensors(model)
+    after = {**params_after, **buffers_after}
+    changed = [n for n in before if n not in after or not torch.equal(after[n].detach().cpu(), before[n].cpu())]
     if changed:
-        sys.exit(f"error: frozen parameters changed: {changed[:5]}")
-    print(f"frozen parameters unchanged ({len(before)} tensors)")
+        sys.exit(f"error: frozen tensors changed during training: {changed[:5]}")
+    print(f"frozen tensors unchanged ({len(params)} parameters, {len(buffers)} W' buffers)")
     scales = common.print_scales(model)
     common.save(model, args, {"args": vars(args), "val_acc": acc, "scales": scales})
     return 0

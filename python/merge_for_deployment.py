@@ -9,7 +9,9 @@ model with ``strict=True``, its outputs match the pathway model's, and both are 
 (``m2pt merge IN OUT`` does the load-fold-save part from the command line.)
 
 Examples:
-  python python/merge_for_deployment.py ft.pth deploy.safetensors --model vit_tiny_patch16_224 --num-classes 10
+  # ft.pth from finetune_timm_with_pathways.py's pipeline check: verify with the model flags it was trained with
+  python python/merge_for_deployment.py ft.pth deploy.safetensors --model vit_tiny_patch16_224 \\
+      --img-size 32 --patch-size 8 --depth 2
   python python/merge_for_deployment.py ft.pth deploy.pth            # no verification, timm not needed
 """
 from __future__ import annotations
@@ -62,8 +64,11 @@ def main(argv=None) -> int:
 
     if os.path.abspath(args.checkpoint) == os.path.abspath(args.output):
         sys.exit("error: OUTPUT is the checkpoint itself; write the merged weights elsewhere")
+    common.check_checkpoint_path(args.output, "OUTPUT")
     if os.path.exists(args.output) and not args.force:
         sys.exit(f"error: {args.output} exists (pass --force to overwrite)")
+    if args.model is not None and args.device is not None:
+        common.check_device(args.device)
     try:
         sd = load_checkpoint(args.checkpoint)
     except Exception as exc:
@@ -71,8 +76,14 @@ def main(argv=None) -> int:
     if not is_pathway_state_dict(sd):
         sys.exit(f"error: {args.checkpoint} has no pathways (no *.aux_weight / *.cross_modal_scale keys): nothing to merge")
     layers = [k[: -len(".cross_modal_scale")] for k in sd if k.endswith(".cross_modal_scale")]
-    merged = merge_state_dict(sd)
-    save_checkpoint(merged, args.output)
+    try:
+        merged = merge_state_dict(sd)
+    except ValueError as exc:  # a pathway whose tensors don't fit together (shapes, λ size, ...)
+        sys.exit(f"error: cannot merge {args.checkpoint}: {' '.join(str(exc).split())}")
+    try:
+        save_checkpoint(merged, args.output)
+    except (OSError, RuntimeError, ImportError, ValueError, TypeError) as exc:
+        sys.exit(f"error: cannot write {args.output}: {' '.join(str(exc).split())}")
     scales = torch.stack([sd[f"{n}.cross_modal_scale"].float().mean() for n in layers])
     print(f"merged {len(layers)} pathway layers (λ mean {scales.mean():+.4f}, |λ| max {scales.abs().max():.4f}); "
           f"{len(sd)} -> {len(merged)} tensors; wrote {args.output}")

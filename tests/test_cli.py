@@ -109,6 +109,35 @@ def test_demo_bad_options(capsys, tmp_path):
     assert rc == 2 and "device" in err
 
 
+@pytest.mark.parametrize("argv,backend,in_err", [
+    (["--threads", "-1"], None, "--threads"),
+    (["--threads", "0"], None, "--threads"),
+    (["--out", "{afile}"], None, "{afile}"),  # an existing regular file
+    (["--out", "{afile}/sub"], None, "{afile}/sub"),  # cannot be created
+    (["--device", "mps"], None, "--device mps"),
+    (["--device", "xpu"], None, "--device xpu"),
+    (["--device", "meta"], None, "--device meta"),
+    (["--device", "cuda:99"], None, "--device cuda:99"),
+    # $M2PT_BACKEND: unknown, or a backend that cannot run on CPU tensors (triton without the interpreter)
+    (["--device", "cpu"], "bogus", "unknown m2pt_kernels backend 'bogus' (from $M2PT_BACKEND)"),
+    (["--device", "cpu"], "triton", "'triton'"),
+    (["--device", "cpu"], "cuda", "'cuda'"),
+])
+def test_demo_refuses_bad_values_before_training(argv, backend, in_err, monkeypatch, capsys, tmp_path):
+    """Each bad value is one line, exit 2, nothing trained: not a traceback from torch half-way through."""
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    if backend is not None:
+        monkeypatch.setenv("M2PT_BACKEND", backend)
+    argv = [a.format(afile=afile) for a in argv]
+    out_args = [] if "--out" in argv else ["--out", str(tmp_path / "report")]
+    rc, out, err = _run(capsys, "demo", *TINY, *out_args, *argv)
+    assert rc == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert in_err.format(afile=afile) in err
+    assert out == "" and not (tmp_path / "report").exists()  # nothing ran, not even the first line
+
+
 # ---------------------------------------------------------------- info / bench / usage
 
 def test_info_in_process(capsys):
