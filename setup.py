@@ -187,8 +187,14 @@ def write_build_info(torch_version, cuda_version, arch_list):
     return out_dir
 
 
-def cuda_extension_setup_kwargs():
-    """ext_modules / cmdclass / version suffix for the CUDA build, or {} for the pure-Python package."""
+def cuda_extension_setup_kwargs(argv=None):
+    """ext_modules / cmdclass / version suffix for the CUDA build, or {} for the pure-Python package.
+
+    A source distribution is never built against one torch / CUDA: ``sdist`` gets no extension
+    configured and no ``+cu..torch..`` local version (MANIFEST.in puts all of csrc/ in it)."""
+    if "sdist" in (sys.argv[1:] if argv is None else argv):
+        print("m2pt_kernels setup: source distribution (csrc/ included, nothing compiled)", file=sys.stderr)
+        return {}, ""
     torch_available, torch_cuda, cuda_home, nvcc = probe_toolchain()
     build, why = decide_cuda_build(os.environ, torch_available, torch_cuda, cuda_home, nvcc)
     print(f"m2pt_kernels setup: {'building the CUDA extension' if build else 'no CUDA extension'} ({why})",

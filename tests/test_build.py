@@ -115,6 +115,26 @@ def test_extension_sources_exist(setup_module_):
         assert os.path.exists(os.path.join(ROOT, src)), src
 
 
+def test_sdist_carries_csrc_and_no_local_version(tmp_path):
+    """The source distribution builds the extension elsewhere: every file of csrc/ (headers too) is
+    in it, and its version names no torch / CUDA (it is built against none)."""
+    import subprocess
+    import sys
+    import tarfile
+    pytest.importorskip("setuptools")  # venvs of Python >= 3.12 come without it
+    proc = subprocess.run([sys.executable, "setup.py", "-q", "sdist", "-d", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (archive,) = tmp_path.iterdir()
+    assert archive.name == "m2pt_kernels-0.1.0.tar.gz"
+    with tarfile.open(archive) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+    csrc = {os.path.relpath(os.path.join(d, f), ROOT) for d, _, fs in os.walk(os.path.join(ROOT, "csrc"))
+            for f in fs if not f.endswith((".pyc", ".so", ".o"))}
+    assert csrc and not csrc - names, sorted(csrc - names)
+    assert {"setup.py", "pyproject.toml", "README.md", "m2pt_kernels/ops/cross_modal_linear.py"} <= names
+
+
 # ---- loading: without the extension, or with a mismatched one ------------------------------------
 
 def test_package_works_without_extension(monkeypatch, fresh_loader):
