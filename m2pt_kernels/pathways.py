@@ -560,6 +560,13 @@ def merge_pathways(model: nn.Module) -> nn.Module:
     if not found:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
                          "CrossModalReparamLinear layers): it is already merged or a plain model")
+    for name, m in found:
+        if any(type(t).__name__ == "DTensor" for t in (m.weight, m.aux_weight, m.cross_modal_scale)):
+            raise ValueError(
+                f"merge_pathways: {name!r} holds sharded tensors (DTensor: FSDP2 / tensor parallel), which can't "
+                "be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("
+                "model, options=StateDictOptions(full_state_dict=True))) from torch.distributed.checkpoint"
+                ".state_dict, then load it into the plain model.")
     merged: Dict[int, nn.Linear] = {}
     for name, m in found:
         parent, child = _get_parent(model, name)

@@ -680,3 +680,31 @@ def test_param_groups_no_decay_names_of_timm_and_hugging_face():
     decay, no_decay = param_groups(model, 1e-3, weight_decay=0.1)
     assert decay["weight_decay"] == 0.1 and [id(p) for p in decay["params"]] == [id(model.fc.weight)]
     assert len(no_decay["params"]) == 8 and no_decay["weight_decay"] == 0.0
+
+
+@pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                    reason="needs torch.distributed with gloo")
+def test_merge_pathways_refuses_sharded_layers_and_says_what_to_do():
+    """After fully_shard (here a one-process gloo group) the weights are DTensors: merging in place
+    is refused, naming the layer, and the full-state_dict route works."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    target, aux = toy_pair()
+    plain = copy.deepcopy(target)
+    add_pathways(target, aux)
+    randomize_scales(target)
+    x = torch.randn(2, 5, 10)
+    want = target(x)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        fully_shard(target, mesh=init_device_mesh("cpu", (1,)))
+        with pytest.raises(ValueError, match=r"'blocks\.0\.attn\.qkv' holds sharded tensors.*merge_state_dict"):
+            merge_pathways(target)
+        sd = get_model_state_dict(target, options=StateDictOptions(full_state_dict=True))
+    finally:
+        dist.destroy_process_group()
+    plain.load_state_dict(merge_state_dict(sd))
+    assert rel_err(plain(x), want) < 1e-5
