@@ -23,7 +23,7 @@ keys the cache on a process-wide optimizer-step counter.)
 """
 from __future__ import annotations
 
-from typing import Iterator, List, Optional, Tuple
+from typing import Iterator, List, Tuple
 
 import torch
 import torch.nn as nn

@@ -10,7 +10,6 @@ subtleties and performance need the GPU tests (tests/test_cross_modal_linear_cud
 The emulator is compiled with g++ (about 10-30 s; no nvcc); skipped without g++ or CUDA headers.
 """
 import ctypes
-import hashlib
 import importlib.util
 import os
 import re

@@ -15,7 +15,6 @@ attn.qkv, attn.proj, mlp.fc1, mlp.fc2.
 from __future__ import annotations
 
 import copy
-import io
 
 import pytest
 import torch
