@@ -39,6 +39,7 @@ from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
     "PRESETS",
+    "CHECKPOINT_SUFFIXES",
     "PathwayConfig",
     "add_pathways",
     "merge_pathways",
@@ -67,7 +68,8 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
                       "attention.output.dense", "intermediate.dense", "output.dense"),
 }
 
-_CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# what load_checkpoint reads and save_checkpoint writes (`m2pt merge` and the examples check against it)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _NO_PATHWAYS = ("this checkpoint has no pathways (no *.aux_weight / *.cross_modal_scale keys): "
@@ -235,9 +237,9 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
     if os.path.isdir(path):
         raise IsADirectoryError(f"load_checkpoint: {path!r} is a directory; pass the checkpoint file inside it")
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in _CHECKPOINT_SUFFIXES:
+    if suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"load_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
-                         f"supported: {', '.join(_CHECKPOINT_SUFFIXES)}")
+                         f"supported: {', '.join(CHECKPOINT_SUFFIXES)}")
     if suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -270,9 +272,9 @@ def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathL
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
     suffix = os.path.splitext(path)[1].lower()
-    if suffix not in _CHECKPOINT_SUFFIXES:
+    if suffix not in CHECKPOINT_SUFFIXES:
         raise ValueError(f"save_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
-                         f"use one of {', '.join(_CHECKPOINT_SUFFIXES)}")
+                         f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
         raise TypeError(f"save_checkpoint: values must be tensors; not tensors: {bad[:5]}")

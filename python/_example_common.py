@@ -14,10 +14,6 @@ import torch
 import torch.nn.functional as F
 
 
-# the formats m2pt_kernels.pathways.save_checkpoint writes and `m2pt merge` / load_checkpoint read
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
-
-
 def require_timm():
     try:
         import timm
@@ -150,6 +146,8 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
 def check_checkpoint_path(path: str, what: str) -> None:
     """Exit with a clear message, before any work, when ``path`` can't take a checkpoint:
     a format ``m2pt merge`` would not read, a folder, or a missing parent folder."""
+    from m2pt_kernels.pathways import CHECKPOINT_SUFFIXES
+
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in CHECKPOINT_SUFFIXES:
         sys.exit(f"error: {what} {path!r} has unknown checkpoint format {suffix or '(no suffix)'!r}; "
