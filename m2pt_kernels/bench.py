@@ -512,11 +512,16 @@ class _Runner:
         self.peak: Optional[float] = None
 
     def prepare(self, rounds: int) -> None:
-        """Peak memory (GPU: one untimed pass above what is already allocated), warm-up (compiles,
-        autotuning) and the repeat count per round (``--reps`` in all, or ~``--target-s`` of timing)."""
+        """Peak memory (GPU: one untimed pass above what is already allocated, after a first one that
+        compiles and autotunes), warm-up and the repeat count per round (``--reps`` in all, or
+        ~``--target-s`` of timing)."""
         device, n = self.device, len(self.insts)
         with self.insts[0].backend_ctx():
             if device.type == "cuda":
+                # one untimed step first: the Triton autotuner's first call benchmarks its configs with
+                # a 256 MiB cache-flush buffer, and compiles allocate too; neither belongs in the peak
+                self.setup(0)
+                self.step(0)
                 for inst in self.insts:
                     inst.clear_grads()
                 if self.c.pass_ == "bwd":
@@ -1256,10 +1261,27 @@ def default_out(device: torch.device, results_dir: Optional[str] = None) -> str:
 
 
 # ---------------------------------------------------------------------------- budget
+def _compile_budget(args) -> Optional[float]:
+    """Seconds of paper_compiled compiles after which later cases run without it (None: no limit)."""
+    if args.compile_budget_s is not None:
+        return args.compile_budget_s
+    return 0.3 * args.budget_s if args.budget_s else None
+
+
+# Triton autotuning on a GPU (estimate_case_s): ~0.03 s of benchmarking per config (the backend's
+# _tune_bench), 31 configs per new key; compiling them for a new dtype, partly from the cache the GPU
+# tests filled.
+AUTOTUNE_S = 1.5
+TRITON_COMPILE_S = 15.0
+
+
 def estimate_case_s(c: Case, providers: list[str], device: torch.device, peaks: dict, args, seen_compile: set) -> float:
     """Rough seconds a case costs: per provider a fixed overhead plus ~(warm-up + repeats) passes at
     ~600 TFLOP/s bf16/fp16 (60 fp32) on a GPU, the measured matmul rate on the CPU; plus a compile
-    for each new (K, N, dtype, aux, pass) of paper_compiled."""
+    for each new (K, N, dtype, aux, pass) of paper_compiled; plus, on a GPU, the Triton autotuner
+    for ``auto`` / ``triton``: benchmarking its 31 configs (forward, dgrad, wgrad) for each new
+    autotune key (M rounded up to a power of 2, K, N, dtype, pass; shared by the two providers) and
+    compiling them once per dtype (partly cached by the GPU tests that ran before)."""
     if device.type == "cuda":
         rate = (600e12 if c.dtype != "fp32" else 60e12)
         fixed = 0.4
@@ -1269,16 +1291,27 @@ def estimate_case_s(c: Case, providers: list[str], device: torch.device, peaks: 
         fixed = 0.05
         reps = args.reps or 10
     per_pass_s = case_flops(c) / rate
+    compile_s = (25.0 if args.compile_mode and "autotune" in args.compile_mode else 8.0) \
+        if device.type == "cuda" else 30.0
+    compile_budget = _compile_budget(args)
     total = 0.0
     for p in providers:
+        if p == "paper_compiled" and compile_budget is not None and compile_budget < compile_s * sum(
+                1 for k in seen_compile if k[0] == "paper_compiled"):
+            continue  # run() stops timing paper_compiled once its compiles took the compile budget
         n = (reps + 10) if device.type == "cuda" else reps + 2
         total += fixed + min(n * per_pass_s, max(args.target_s * 1.5, 5 * per_pass_s) + 3 * per_pass_s)
         if p == "paper_compiled":
-            key = (c.K, c.N, c.dtype, c.aux_trainable, c.pass_)
+            key = ("paper_compiled", c.K, c.N, c.dtype, c.aux_trainable, c.pass_)
             if key not in seen_compile:
                 seen_compile.add(key)
-                total += (25.0 if args.compile_mode and "autotune" in args.compile_mode else 8.0) \
-                    if device.type == "cuda" else 30.0
+                total += compile_s
+        if p in ("auto", "triton") and device.type == "cuda":
+            for key, cost in ((("tune", 1 << max(c.M - 1, 0).bit_length(), c.K, c.N, c.dtype, c.pass_),
+                               AUTOTUNE_S), (("triton-compile", c.dtype), TRITON_COMPILE_S)):
+                if key not in seen_compile:
+                    seen_compile.add(key)
+                    total += cost
     return total
 
 
@@ -1370,8 +1403,7 @@ def run(args) -> dict:
     if args.compile_mode in ("default", ""):
         args.compile_mode = None
     args._compile_spent = 0.0
-    compile_budget = args.compile_budget_s if args.compile_budget_s is not None else (
-        0.3 * args.budget_s if args.budget_s else None)
+    compile_budget = _compile_budget(args)
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
     out_path = None if args.no_save else (args.out or default_out(device, getattr(args, "results_dir", None)))
 

@@ -603,3 +603,15 @@ def _compile_ahead_of_time():
 
 if __name__ == "__main__":
     _compile_ahead_of_time()
+
+
+def test_autotuner_times_configs_briefly(monkeypatch):
+    """The autotuned launchers time each config with 5 + 20 ms (triton's default, 25 + 100 ms, makes
+    a new shape's 31 configs cost seconds of scarce GPU time); the timer is triton's do_bench."""
+    import triton.testing
+    seen = []
+    monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.append(kw) or [1.0, 1.0, 1.0])
+    for tuned in (triton_backend._gemm_tuned, triton_backend._wgrad_tuned):
+        assert tuned.do_bench is triton_backend._tune_bench
+        assert tuned.do_bench(lambda: None, quantiles=(0.5, 0.2, 0.8)) == [1.0, 1.0, 1.0]
+    assert seen == [dict(warmup=5, rep=20, quantiles=(0.5, 0.2, 0.8))] * 2

@@ -295,8 +295,17 @@ GEMM_KEY = ["M_BUCKET", "NC", "R", "LAM_ON_R", "HAS_BIAS", "PRECISION"]
 WGRAD_KEY = ["M_BUCKET", "N", "K", "NEED_W", "NEED_AUX", "NEED_SCALE", "NEED_BIAS", "PRECISION"]
 
 
+def _tune_bench(fn, quantiles=None):
+    """The autotuner's timer: triton's do_bench with 5 ms of warm-up and 20 ms of repeats per config
+    (its default, 25 + 100 ms, makes the 31 configs of a new shape cost ~4 s; 20 ms is still 60
+    repeats of the slowest ViT-B GEMM at 50,432 tokens)."""
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
 def autotuned(kernel, configs, **extra):
     """The autotuned launchers below (tests build their own, with a fake timer, under the interpreter)."""
+    extra.setdefault("do_bench", _tune_bench)
     if kernel is _wgrad_kernel:
         # No reset_to_zero of the partials: the finalize kernel reads only the rows the chosen
         # config wrote (configs with a smaller BLOCK_K, benchmarked first, leave stale rows past them).
