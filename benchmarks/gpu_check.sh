@@ -5,13 +5,17 @@
 #
 # 1. env:   nvidia-smi, versions                                  -> $OUT/env.txt
 # 2. build: the CUDA extension in place (continues without it)    -> $OUT/build.log
-# 3. tests: `pytest -m gpu tests`, then the rest minus `slow`     -> $OUT/tests.log (pytest-xdist -n 8 when present)
+# 3. tests: `pytest -m gpu tests` (the kernels on the GPU)        -> $OUT/tests.log (pytest-xdist -n 8 when present)
 # 4. bench: benchmarks/run.py --mode full --budget-s ...          -> $OUT/results.json, $OUT/bench.log
-# 5. report: targets met/missed, plot, the short table LAST       -> $OUT/plot.png, $OUT/summary.txt
+# 5. tests: the rest minus `slow` (on CUDA tensors), time left    -> $OUT/tests.log
+# 6. report: targets met/missed, plot, the short table LAST       -> $OUT/plot.png, $OUT/summary.txt
 #
 # Each stage has a deadline counted from the start, so one that hangs cannot eat the next one's time
 # and one that ends early leaves its time to the next. The results JSON is rewritten after every
-# case, so a benchmark stopped by its timeout still reports what it measured.
+# case, so a benchmark stopped by its timeout still reports what it measured. pytest is stopped with
+# SIGINT (it then still prints which tests failed) and runs with -v (each result logged as it ends).
+# paper_compiled uses torch.compile's default mode here (M2PT_GPU_CHECK_COMPILE_MODE): max-autotune
+# spends ~25 s per shape, which would leave the large-token cases out of the time budget.
 #
 # On a machine without a GPU, M2PT_GPU_CHECK_DRY=1 runs every stage in a tiny CPU mode (the build
 # stage runs setup.py build_ext with M2PT_SKIP_CUDA_BUILD=1, the tests stage runs `-m gpu` only (which
@@ -20,6 +24,7 @@
 # Knobs: PYTHON (default python3), M2PT_COMMIT (recorded in the results; the device copy has no .git),
 # M2PT_GPU_CHECK_TOTAL_S (default 470), M2PT_GPU_CHECK_BENCH_ARGS (extra args for run.py),
 # M2PT_GPU_CHECK_SKIP_BUILD=1, M2PT_GPU_CHECK_SKIP_TESTS=1, M2PT_GPU_CHECK_TEST_WORKERS (8),
+# M2PT_GPU_CHECK_COMPILE_MODE (default),
 # MAX_JOBS (16), TORCH_CUDA_ARCH_LIST (9.0a).
 set -u
 cd "$(dirname "$0")/.."
@@ -112,31 +117,23 @@ else
   if [ "$DRY" = "0" ] && "$PY" -c "import xdist" >/dev/null 2>&1; then
     XDIST="-n ${M2PT_GPU_CHECK_TEST_WORKERS:-8}"
   fi
-  t=$(until_pct 41)
+  t=$(until_pct 44)
   echo "=== pytest -m gpu tests (timeout ${t}s)" >> "$OUT/tests.log"
   # shellcheck disable=SC2086
-  timeout -k 10 "$t" "$PY" -m pytest -q -m gpu tests $XDIST -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
+  timeout -s INT -k 15 "$t" "$PY" -m pytest -v -m gpu tests $XDIST -p no:cacheprovider -rfEs --durations=5 >> "$OUT/tests.log" 2>&1
   rc=$?
-  [ "$rc" -eq 5 ] && note "tests -m gpu: no test is marked gpu (rc 5)" || note "tests -m gpu: rc=$rc ($(tail -1 "$OUT/tests.log"))"
-  if [ "$DRY" = "0" ]; then  # (dry: the -m gpu run above already collected the whole suite)
-    t=$(until_pct 47)
-    echo "=== pytest -m 'not slow and not gpu' tests (timeout ${t}s)" >> "$OUT/tests.log"
-    # shellcheck disable=SC2086
-    timeout -k 10 "$t" "$PY" -m pytest -q -m "not slow and not gpu" tests $XDIST -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
-    rc=$?
-    note "tests suite: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
-  fi
+  [ "$rc" -eq 5 ] && note "tests -m gpu: no test is marked gpu (rc 5)" || note "tests -m gpu: rc=$rc (124 = cut by its timeout) ($(tail -1 "$OUT/tests.log"))"
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -10 | tee -a "$SUMMARY"
 fi
 
 # ---------------------------------------------------------------- 4. benchmarks
-t=$(until_pct 96)
+t=$(until_pct 86)
 budget=$(( t - 35 ))
 [ "$budget" -lt 10 ] && budget=10
 if [ "$DRY" != "0" ]; then
   bench_args="--tiny --providers ${M2PT_GPU_CHECK_PROVIDERS:-plain,paper,auto,triton,cuda,reference}"
 else
-  bench_args="--mode full"
+  bench_args="--mode full --compile-mode ${M2PT_GPU_CHECK_COMPILE_MODE:-default}"
 fi
 note "bench: timeout ${t}s, --budget-s ${budget}"
 # shellcheck disable=SC2086
@@ -146,7 +143,18 @@ rc=$?
 note "bench: rc=$rc (124 = cut by its timeout; results.json holds every finished case)"
 [ "$rc" -ne 0 ] && tail -5 "$OUT/bench.log" | tee -a "$SUMMARY"
 
-# ---------------------------------------------------------------- 5. report: plot, targets, short table LAST
+# ---------------------------------------------------------------- 5. the rest of the tests, time left
+if [ "${M2PT_GPU_CHECK_SKIP_TESTS:-0}" = "0" ] && [ "$DRY" = "0" ]; then  # (dry: stage 3 collected the whole suite)
+  t=$(until_pct 97)
+  echo "=== pytest -m 'not slow and not gpu' tests (timeout ${t}s)" >> "$OUT/tests.log"
+  # shellcheck disable=SC2086
+  timeout -s INT -k 15 "$t" "$PY" -m pytest -v -m "not slow and not gpu" tests $XDIST -p no:cacheprovider -rfE --durations=10 >> "$OUT/tests.log" 2>&1
+  rc=$?
+  note "tests suite: rc=$rc (124 = cut by its timeout; 2 = interrupted) ($(tail -1 "$OUT/tests.log"))"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | sort -u | head -10 | tee -a "$SUMMARY"
+fi
+
+# ---------------------------------------------------------------- 6. report: plot, targets, short table LAST
 note "report (the table below is the last thing printed)"
 timeout -k 10 60 "$PY" - "$OUT/results.json" "$OUT/plot.png" <<'EOF' 2>&1 | tee -a "$SUMMARY"
 import json, sys
