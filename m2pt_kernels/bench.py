@@ -357,8 +357,10 @@ def provider_status(device: torch.device, allow_interpreter: bool = False, compi
 class _Instance:
     """One input set for one provider: the callable, its inputs, and what needs gradients."""
 
-    def __init__(self, fn, x, dy, grads, backend=None):
-        self.fn, self.x, self.dy, self.grads = fn, x, dy, grads
+    def __init__(self, fn, x, dy, grads: dict, backend=None):
+        self.fn, self.x, self.dy = fn, x, dy
+        self.named_grads = grads  # name -> tensor whose gradient a repeat produces
+        self.grads = list(grads.values())
         self.backend = backend  # ours: the use_backend() name to hold around calls of fn
         self.y = None
 
@@ -413,9 +415,9 @@ def _random_set(c: Case, device, gen: torch.Generator):
     }
 
 
-def _load_case_tensors(layer: nn.Module, data: dict, probe: bool, x: torch.Tensor) -> list:
+def _load_case_tensors(layer: nn.Module, data: dict, probe: bool, x: torch.Tensor) -> dict:
     """Give a pathway layer (the paper's or ours) the case's W, b and λ, freeze W and b for linear
-    probing, and return the tensors whose gradients a repeat produces (x first)."""
+    probing, and return the tensors whose gradients a repeat produces, by name (x first)."""
     with torch.no_grad():
         layer.weight.copy_(data["w"])
         layer.bias.copy_(data["b"])
@@ -423,7 +425,7 @@ def _load_case_tensors(layer: nn.Module, data: dict, probe: bool, x: torch.Tenso
     if probe:
         layer.weight.requires_grad_(False)
         layer.bias.requires_grad_(False)
-    return [x] + [p for p in layer.parameters() if p.requires_grad]
+    return {"x": x, **{n: p for n, p in layer.named_parameters() if p.requires_grad}}
 
 
 def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str]) -> _Instance:
@@ -433,7 +435,8 @@ def make_instance(provider: str, c: Case, data: dict, compile_mode: Optional[str
     if provider == "plain":
         w = data["w"].clone().requires_grad_(not probe)
         b = data["b"].clone().requires_grad_(not probe)
-        return _Instance(lambda: F.linear(x, w, b), x, data["dy"], [t for t in (x, w, b) if t.requires_grad])
+        return _Instance(lambda: F.linear(x, w, b), x, data["dy"],
+                         {n: t for n, t in (("x", x), ("weight", w), ("bias", b)) if t.requires_grad})
     if provider in ("paper", "paper_compiled"):
         K, N = c.K, c.N
         layer = PaperCrossModalReparamLinear(K, N, bias=True, aux_weight=data["aux"],
