@@ -144,13 +144,13 @@ TINY = ["--embed-dim", "32", "--depth", "2", "--heads", "2", "--img-size", "16",
         "--log-every", "1"]
 
 
-def _torchrun(args, tmp_path, timeout=120, nproc=2):
+def _torchrun(args, tmp_path, timeout=120, nproc=2, **extra_env):
     import json
     import os
     import subprocess
     import sys
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", str(EXAMPLE), *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", **extra_env)
     env.pop("RANK", None)
     proc = subprocess.run(cmd, env=env, cwd=str(tmp_path), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -172,6 +172,37 @@ def test_torchrun_example_ddp_two_processes(tmp_path):
                               "--checkpointing", *TINY], tmp_path)
     assert summary["world_size"] == 2 and summary["strategy"] == "ddp" and summary["backend"] == "gloo"
     assert summary["finite"] and summary["final_loss"] < summary["first_loss"], log
+
+
+def _trainable_and_frozen_aux(log: str) -> tuple[int, int]:
+    import re
+    found = re.search(r"trainable params ([\d,]+); frozen aux-weight buffers ([\d,]+) elements", log)
+    assert found, log[-2000:]
+    return tuple(int(g.replace(",", "")) for g in found.groups())
+
+
+@pytest.mark.skipif(not _gloo_ok(), reason="gloo backend not available")
+def test_torchrun_example_ddp_linear_probe_fp16(tmp_path):
+    """--only-scales (the paper's linear probing) with --amp fp16 (GradScaler) and an explicit
+    --kernel-backend: only the λ and the head train, W' stays a frozen buffer."""
+    summary, log = _torchrun(["--strategy", "ddp", "--steps", "4", "--only-scales", "--amp", "fp16",
+                              "--kernel-backend", "reference", *TINY], tmp_path)
+    assert summary["amp"] == "fp16" and summary["finite"] and summary["world_size"] == 2, log
+    trainable, frozen_aux = _trainable_and_frozen_aux(log)
+    assert trainable < 1000 < frozen_aux  # 8 λ + a 32-wide head; 2 blocks × 4 layers of W'
+    assert "kernel backend reference" in log
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _gloo_ok(), reason="gloo backend not available")
+def test_torchrun_example_fsdp2_compiled_blocks_aux_trainable(tmp_path):
+    """--compile (each block compiled before fully_shard) with --aux-trainable (W' sharded and
+    trained like W): trains, and no W' is left as a buffer."""
+    summary, log = _torchrun(["--strategy", "fsdp2", "--steps", "3", "--aux-trainable", "--compile", *TINY],
+                             tmp_path, timeout=300, TORCHINDUCTOR_FORCE_DISABLE_CACHES="1")
+    assert summary["strategy"] == "fsdp2" and summary["finite"], log
+    assert summary["final_loss"] < summary["first_loss"], log
+    assert _trainable_and_frozen_aux(log)[1] == 0
 
 
 @pytest.mark.skipif(not _gloo_ok(), reason="gloo backend not available")
