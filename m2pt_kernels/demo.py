@@ -146,9 +146,9 @@ def _pick_device(name: str) -> torch.device:
 def _check_backend(device: torch.device) -> None:
     """The backend asked for (``use_backend`` / ``$M2PT_BACKEND``) must run the op on ``device`` in
     float32; checked before any training, so a bad choice is one line, not a traceback mid-run."""
-    from ._dispatch import ENV_VAR, requested_backend, resolve
+    from ._dispatch import ENV_VAR, resolve
     try:
-        resolve(torch.empty(0, device=device), requested_backend())
+        resolve(torch.empty(0, device=device))  # the requested backend, read and name-checked there
     except ValueError as exc:  # an unknown name; the message says where it came from
         raise DemoOptionError(f"{exc}") from None
     except (RuntimeError, TypeError) as exc:  # a known backend that can't run here
