@@ -85,6 +85,8 @@ def load_digits_split(test_fraction: float = 0.5, split_seed: int = 0):
     """scikit-learn's bundled 8x8 digits (1797 images, no download) as
     ``(x_train [N, 1, 8, 8], y_train, x_test, y_test)``, pixels scaled to [0, 1] then standardized
     with the training set's mean and std; a fixed, stratified split."""
+    if not isinstance(test_fraction, (int, float)) or not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"load_digits_split: test_fraction must be in (0, 1), got {test_fraction!r}")
     try:
         from sklearn.datasets import load_digits
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -104,6 +106,9 @@ def load_digits_split(test_fraction: float = 0.5, split_seed: int = 0):
         test_idx.append(idx[:n_test])
         train_idx.append(idx[n_test:])
     tr, te = torch.cat(train_idx).sort().values, torch.cat(test_idx).sort().values
+    if len(tr) < 2 or len(te) == 0:
+        raise ValueError(f"load_digits_split: test_fraction={test_fraction} leaves {len(tr)} training and "
+                         f"{len(te)} test images; it needs at least 2 and 1")
     mean, std = x[tr].mean(), x[tr].std()
     x = (x - mean) / std
     return x[tr], y[tr], x[te], y[te]

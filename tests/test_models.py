@@ -135,6 +135,67 @@ def test_knn_matches_brute_force():
             assert got_d == sorted(got_d)
 
 
+def _knn_exact(q, p, k):
+    """k nearest in float64 of the very same (already rounded) coordinates, nearest first."""
+    d = ((q.double().unsqueeze(2) - p.double().unsqueeze(1)) ** 2).sum(-1)
+    return d, d.topk(k, dim=-1, largest=False).indices
+
+
+@pytest.mark.parametrize("dtype,scale", [(torch.bfloat16, 1.0), (torch.float16, 1.0), (torch.float16, 3000.0)])
+def test_knn_and_fps_of_low_precision_points_measure_in_fp32(dtype, scale):
+    # bf16 squared distances keep 3 digits (neighbours reorder); fp16 ones overflow past 65504
+    # (clouds in mm): both must still give the exact neighbourhoods of the rounded coordinates
+    pts = (torch.rand(2, 512, 3) * scale).to(dtype)
+    q = pts[:, :32]
+    idx = knn_indices(q, pts, 16)
+    d, expected = _knn_exact(q, pts, 16)
+    # compare distances, not indices: exact ties (duplicate rounded points) may go either way
+    assert torch.equal(d.gather(-1, idx), d.gather(-1, expected))
+    got = farthest_point_sample(pts, 16, start=0)
+    for b in range(2):  # each greedy step takes a farthest point, up to fp32 rounding (ties may go either way)
+        p64 = pts[b].double()
+        for i in range(1, 16):
+            md = torch.cdist(p64, p64[got[b, :i]]).amin(dim=1) ** 2
+            assert md[got[b, i]] >= md.max() * (1 - 1e-5), (b, i)
+
+
+def test_fps_and_knn_keep_float64():
+    # a near tie that fp32 rounding resolves the wrong way: the exact second sample is point 3
+    pts = torch.tensor([[[0.0, 0, 0], [1.0, 0, 0], [1 + 1e-9, 0, 0], [0, 1 + 2e-9, 0]]], dtype=torch.float64)
+    assert farthest_point_sample(pts, 2, start=0)[0].tolist() == [0, 3]
+    assert knn_indices(pts[:, 1:2], pts, 2)[0, 0].tolist() == [1, 2]
+
+
+def test_bad_sizes_are_named():
+    with pytest.raises(ValueError, match="ImagePatchEmbed: patch_size must be a positive integer, got 0"):
+        ImagePatchEmbed(224, 0)
+    with pytest.raises(ValueError, match="ImagePatchEmbed: patch_size must be a positive integer or a pair"):
+        ImagePatchEmbed(224, 16.0)
+    with pytest.raises(ValueError, match="AudioPatchEmbed: stride must be a positive integer, got 0"):
+        AudioPatchEmbed(stride=0)
+    with pytest.raises(ValueError, match="VideoTubeletEmbed: tubelet_size must be a positive integer, got 0"):
+        VideoTubeletEmbed(tubelet_size=0)
+    with pytest.raises(ValueError, match="PointCloudEmbed: group_size"):
+        PointCloudEmbed(num_groups=8, group_size=0)
+    with pytest.raises(ValueError, match="PointCloudEmbed: fps_start must be 'farthest' or a point index"):
+        PointCloudEmbed(fps_start="random")
+    tok = PointCloudEmbed(num_groups=4, group_size=4, embed_dim=8, hidden=4, fps_start=60)
+    with pytest.raises(ValueError, match="PointCloudEmbed: fps_start=60 is not a point index of clouds of 50"):
+        tok(torch.randn(1, 50, 3))
+    np = pytest.importorskip("numpy")
+    img = ImagePatchEmbed(np.int64(16), (np.int64(8), 4), 3, 8)  # NumPy ints are sizes too
+    assert img.img_size == (16, 16) and img.patch_size == (8, 4) and img.num_tokens == 8
+    assert PointCloudEmbed(np.int64(4), 4, 8, 4, fps_start=np.int64(1))(torch.randn(1, 9, 3)).shape == (1, 4, 8)
+
+
+@pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1e-4, 0.9999])
+def test_digits_split_rejects_a_fraction_that_empties_a_side(fraction):
+    pytest.importorskip("sklearn")
+    from m2pt_kernels.demo_data import load_digits_split
+    with pytest.raises(ValueError, match="load_digits_split: test_fraction"):
+        load_digits_split(test_fraction=fraction)
+
+
 def test_group_points_are_relative_neighbourhoods():
     pts = torch.randn(2, 30, 3)
     centers, groups = group_points(pts, 4, 5, start=0)

@@ -16,6 +16,7 @@ tokenizer              input                      tokens
 """
 from __future__ import annotations
 
+import numbers
 
 import torch
 import torch.nn as nn
@@ -33,8 +34,32 @@ __all__ = [
 ]
 
 
-def _pair(v) -> tuple[int, int]:
-    return (int(v), int(v)) if isinstance(v, int) else (int(v[0]), int(v[1]))
+def _is_index(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _positive_int(v, name: str, owner: str) -> int:
+    """``v`` as an int if it is a positive integer (Python or NumPy), else a ValueError naming it."""
+    if not _is_index(v) or v < 1:
+        raise ValueError(f"{owner}: {name} must be a positive integer, got {v!r}")
+    return int(v)
+
+
+def _pair(v, name: str, owner: str) -> tuple[int, int]:
+    """An int or a pair of ints (sizes: positive) as a pair, else a ValueError naming the argument."""
+    if _is_index(v):
+        v = (v, v)
+    try:
+        a, b = v
+    except (TypeError, ValueError):
+        raise ValueError(f"{owner}: {name} must be a positive integer or a pair of them, got {v!r}") from None
+    return _positive_int(a, name, owner), _positive_int(b, name, owner)
+
+
+def _float_dtype(t: Tensor) -> torch.dtype:
+    """The dtype to measure point distances in: fp32 for bf16 / fp16 (whose squared distances round
+    to 3 digits, or overflow past 65504 in fp16), the input's own for fp32 / fp64."""
+    return torch.promote_types(t.dtype, torch.float32)
 
 
 class Tokenizer(nn.Module):
@@ -75,7 +100,9 @@ class ImagePatchEmbed(_GridTokenizer):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
-        self.img_size, self.patch_size, self.in_chans = _pair(img_size), _pair(patch_size), in_chans
+        name = type(self).__name__
+        self.img_size, self.patch_size = _pair(img_size, "img_size", name), _pair(patch_size, "patch_size", name)
+        self.in_chans = _positive_int(in_chans, "in_chans", name)
         for s, p in zip(self.img_size, self.patch_size):
             if s % p:
                 raise ValueError(f"ImagePatchEmbed: img_size {self.img_size} is not a multiple of patch_size {self.patch_size}")
@@ -89,16 +116,21 @@ class ImagePatchEmbed(_GridTokenizer):
 
 
 class AudioPatchEmbed(_GridTokenizer):
-    """Spectrogram ``[B, 1, freq, time]`` -> patches, AST-style (overlapping when ``stride < patch``)."""
+    """Spectrogram ``[B, 1, freq, time]`` -> patches, AST-style (overlapping when ``stride < patch``).
+
+    As in AST, trailing frequency bins or frames that do not fill a last patch (fewer than
+    ``stride`` of them past it) reach no token; ``grid`` gives the patches per axis."""
 
     modality = "audio"
 
     def __init__(self, n_freq=128, n_time=1024, patch_size=16, stride=10, embed_dim=768):
         super().__init__()
-        self.n_freq, self.n_time = int(n_freq), int(n_time)
-        self.patch_size, self.stride = _pair(patch_size), _pair(stride)
+        name = type(self).__name__
+        self.n_freq, self.n_time = _positive_int(n_freq, "n_freq", name), _positive_int(n_time, "n_time", name)
+        self.patch_size, self.stride = _pair(patch_size, "patch_size", name), _pair(stride, "stride", name)
         if any(s > p for s, p in zip(self.stride, self.patch_size)):
-            raise ValueError(f"AudioPatchEmbed: stride {self.stride} larger than patch_size {self.patch_size} would skip input")
+            raise ValueError(f"AudioPatchEmbed: stride {self.stride} larger than patch_size {self.patch_size} would "
+                             "leave input between patches unseen")
         if self.n_freq < self.patch_size[0] or self.n_time < self.patch_size[1]:
             raise ValueError(f"AudioPatchEmbed: spectrogram ({self.n_freq}, {self.n_time}) smaller than a patch {self.patch_size}")
         self.grid = (
@@ -120,8 +152,11 @@ class VideoTubeletEmbed(_GridTokenizer):
 
     def __init__(self, num_frames=16, img_size=224, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768):
         super().__init__()
-        self.num_frames, self.img_size, self.patch_size = int(num_frames), _pair(img_size), _pair(patch_size)
-        self.tubelet_size, self.in_chans = int(tubelet_size), in_chans
+        name = type(self).__name__
+        self.num_frames = _positive_int(num_frames, "num_frames", name)
+        self.img_size, self.patch_size = _pair(img_size, "img_size", name), _pair(patch_size, "patch_size", name)
+        self.tubelet_size = _positive_int(tubelet_size, "tubelet_size", name)
+        self.in_chans = _positive_int(in_chans, "in_chans", name)
         if self.num_frames % self.tubelet_size or any(s % p for s, p in zip(self.img_size, self.patch_size)):
             raise ValueError(
                 f"VideoTubeletEmbed: (frames, H, W) = ({self.num_frames}, {self.img_size}) must be multiples of "
@@ -150,22 +185,24 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
       the set of points, not on their order, so the selected *points* (and their order) are
       invariant to a permutation of the input (barring exact distance ties).
     - an int: that index in every cloud (``0`` is the classic choice of PointNet++ code).
+
+    Distances are measured in fp32 for bf16 / fp16 points, in the points' own dtype otherwise.
     """
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample expects points of shape [B, P, 3], got {list(points.shape)}")
     B, P, _ = points.shape
     if not 1 <= num_samples <= P:
         raise ValueError(f"farthest_point_sample: num_samples={num_samples} must be in [1, P={P}]")
-    pts = points.detach().float()
-    if start == "farthest":
+    pts = points.detach().to(_float_dtype(points))
+    if isinstance(start, str) and start == "farthest":
         centroid = pts.mean(dim=1, keepdim=True)
         current = ((pts - centroid) ** 2).sum(-1).argmax(dim=1)
-    elif isinstance(start, int) and not isinstance(start, bool) and -P <= start < P:
-        current = torch.full((B,), start % P, dtype=torch.long, device=points.device)
+    elif _is_index(start) and -P <= start < P:
+        current = torch.full((B,), int(start) % P, dtype=torch.long, device=points.device)
     else:
         raise ValueError(f"farthest_point_sample: start must be 'farthest' or an index in [0, {P}), got {start!r}")
     idx = torch.empty(B, num_samples, dtype=torch.long, device=points.device)
-    min_dist = torch.full((B, P), float("inf"), device=points.device)
+    min_dist = torch.full((B, P), float("inf"), dtype=pts.dtype, device=points.device)
     batch = torch.arange(B, device=points.device)
     for i in range(num_samples):
         idx[:, i] = current
@@ -177,12 +214,14 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
 
 def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     """Indices ``[B, Q, k]`` of the ``k`` nearest ``points`` ``[B, P, 3]`` to each query ``[B, Q, 3]``,
-    nearest first (exact squared distances, no matmul trick)."""
+    nearest first (exact squared distances, no matmul trick; in fp32 for bf16 / fp16 inputs, whose own
+    rounding would reorder neighbours, and in the inputs' dtype for fp32 / fp64)."""
     if queries.dim() != 3 or points.dim() != 3 or queries.shape[0] != points.shape[0] or queries.shape[-1] != points.shape[-1]:
         raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be [B, Q, D] and [B, P, D]")
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must be in [1, P={points.shape[1]}]")
-    d2 = ((queries.detach().unsqueeze(2) - points.detach().unsqueeze(1)) ** 2).sum(-1)  # [B, Q, P]
+    dt = torch.promote_types(_float_dtype(queries), _float_dtype(points))
+    d2 = ((queries.detach().to(dt).unsqueeze(2) - points.detach().to(dt).unsqueeze(1)) ** 2).sum(-1)  # [B, Q, P]
     return d2.topk(k, dim=-1, largest=False, sorted=True).indices
 
 
@@ -212,7 +251,12 @@ class PointCloudEmbed(Tokenizer):
 
     def __init__(self, num_groups=64, group_size=32, embed_dim=384, hidden=128, fps_start="farthest"):
         super().__init__()
-        self.num_groups, self.group_size, self.fps_start = int(num_groups), int(group_size), fps_start
+        name = type(self).__name__
+        self.num_groups = _positive_int(num_groups, "num_groups", name)
+        self.group_size = _positive_int(group_size, "group_size", name)
+        if not (_is_index(fps_start) or (isinstance(fps_start, str) and fps_start == "farthest")):
+            raise ValueError(f"{name}: fps_start must be 'farthest' or a point index (int), got {fps_start!r}")
+        self.fps_start = int(fps_start) if _is_index(fps_start) else fps_start
         self.embed_dim, self.num_tokens = embed_dim, self.num_groups
         self.first_mlp = nn.Sequential(nn.Linear(3, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Linear(hidden, 2 * hidden))
         self.second_mlp = nn.Sequential(nn.Linear(4 * hidden, 4 * hidden), nn.LayerNorm(4 * hidden), nn.GELU(),
@@ -226,6 +270,9 @@ class PointCloudEmbed(Tokenizer):
                 f"PointCloudEmbed needs at least max(num_groups={self.num_groups}, group_size={self.group_size}) "
                 f"points per cloud, got {x.shape[1]}"
             )
+        if _is_index(self.fps_start) and not -x.shape[1] <= self.fps_start < x.shape[1]:
+            raise ValueError(f"PointCloudEmbed: fps_start={self.fps_start} is not a point index of clouds of "
+                             f"{x.shape[1]} points")
         centers, groups = group_points(x, self.num_groups, self.group_size, start=self.fps_start)
         feat = self.first_mlp(groups)  # [B, G, k, 2h]
         pooled = feat.amax(dim=2, keepdim=True)
