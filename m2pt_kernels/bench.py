@@ -49,6 +49,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._precision import fp32_matmul_precision_name
+
 SCHEMA_VERSION = 1
 
 # ViT widths; the four block linears in timm's names, as (K, N) for width D.
@@ -1440,7 +1442,7 @@ def run(args) -> dict:
         "host": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                  "loadavg_start": _loadavg()},
         "note": args.note,
-        "float32_matmul_precision": torch.get_float32_matmul_precision(),
+        "float32_matmul_precision": fp32_matmul_precision_name(),
         "compile": {"mode": args.compile_mode or "default", "dynamic_M": True},
         "peaks": peaks, "providers": status, "skipped": skipped, "cases": [], "dropped": dropped,
         "whole_model": None, "merge_inference": None, "targets": [], "elapsed_s": 0.0, "complete": False,

@@ -1,12 +1,14 @@
 """Shared test helpers: float64 reference, relative-norm error, tolerances by dtype."""
 import torch
 
+from m2pt_kernels._precision import fp32_matmul_allows_tf32
+
 # rel-norm error bounds by dtype (developers' guide): fp32 1e-4 (tf32 on GPU 1e-3), bf16/fp16 2e-2.
 TOL = {torch.float64: 1e-10, torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 def tolerance(dtype: torch.dtype, device: str) -> float:
-    if dtype == torch.float32 and device == "cuda" and torch.get_float32_matmul_precision() != "highest":
+    if dtype == torch.float32 and device == "cuda" and fp32_matmul_allows_tf32():
         return 1e-3
     return TOL[dtype]
 

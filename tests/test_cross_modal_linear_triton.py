@@ -160,16 +160,60 @@ def test_degenerate_k_zero():
     assert torch.equal(db, torch.full((6,), 4.0, device=DEVICE))
 
 
-def test_fp32_precision_follows_torch_setting():
-    before = torch.get_float32_matmul_precision()
+# (how to set it, whether TF32 is then allowed): the legacy API, and torch's newer fp32_precision
+# (after which torch.get_float32_matmul_precision() raises "mix of the legacy and new APIs").
+PRECISION_SETTINGS = [
+    ("torch.set_float32_matmul_precision('highest')", False),
+    ("torch.set_float32_matmul_precision('high')", True),
+    ("torch.set_float32_matmul_precision('medium')", True),
+    ("torch.backends.cuda.matmul.allow_tf32 = True", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'tf32'", True),
+    ("torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+    ("torch.backends.fp32_precision = 'tf32'", True),
+    ("torch.backends.fp32_precision = 'tf32'; torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+    ("torch.set_float32_matmul_precision('high'); torch.backends.cuda.matmul.fp32_precision = 'ieee'", False),
+]
+
+
+@pytest.fixture
+def restore_fp32_precision():
+    """Starts from a fresh process's fp32 precision state and puts torch's back as it was after (a test
+    that sets the new API would otherwise make the legacy getter raise in every later test). Yields
+    whether this torch has the new API."""
+    backends = [torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn, torch.backends.mkldnn.matmul]
+    new_api = all(hasattr(b, "fp32_precision") for b in backends)
+    saved = [b.fp32_precision for b in backends] if new_api else None
     try:
-        torch.set_float32_matmul_precision("highest")
-        assert triton_backend._precision(torch.float32) == "ieee"
-        for setting in ("high", "medium"):
-            torch.set_float32_matmul_precision(setting)
-            assert triton_backend._precision(torch.float32) == "tf32"
-    finally:
-        torch.set_float32_matmul_precision(before)
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # the session already uses the new API: restore its values as they were
+        legacy = None
+    if new_api:  # each setting starts from a fresh process's state
+        for b in backends:
+            b.fp32_precision = "none"
+    yield new_api
+    if new_api:
+        for b in backends:
+            b.fp32_precision = "none"
+        if legacy is None:
+            for b, value in zip(backends, saved):
+                b.fp32_precision = value
+    if legacy is not None:
+        torch.set_float32_matmul_precision(legacy)  # sets the new API's values to match
+
+
+@pytest.mark.parametrize("setting,tf32", PRECISION_SETTINGS)
+def test_fp32_precision_follows_torch_setting(setting, tf32, restore_fp32_precision):
+    """Both kernels' fp32 dots follow the setting, whichever of torch's two APIs set it."""
+    if "fp32_precision" in setting and not restore_fp32_precision:
+        pytest.skip("this torch has no fp32_precision API")
+    from m2pt_kernels.bench import fp32_matmul_precision_name
+    from m2pt_kernels.ops import cross_modal_linear_cuda as cuda_backend
+
+    exec(setting, {"torch": torch})
+    assert triton_backend._precision(torch.float32) == ("tf32" if tf32 else "ieee")
+    assert cuda_backend._allow_tf32(torch.float32) is tf32
+    assert cuda_backend._allow_tf32(torch.bfloat16) is False  # no fp32 dots to set
+    assert fp32_matmul_precision_name()  # what results files record: never raises
 
 
 @pytest.mark.parametrize("per_channel", [False, True])

@@ -23,6 +23,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .._precision import fp32_matmul_allows_tf32
+
 EXTENSION = "m2pt_kernels._C"
 _BUILD_INFO = re.compile(rb"M2PT_BUILD_INFO;torch=([^;\x00]*);cuda=([^;\x00]*);archs=([^\x00]*?);END")
 
@@ -106,8 +108,8 @@ def _ops():
     return torch.ops.m2pt_cuda
 
 
-def _allow_tf32() -> bool:
-    return torch.get_float32_matmul_precision() != "highest"
+def _allow_tf32(dtype: torch.dtype) -> bool:
+    return dtype == torch.float32 and fp32_matmul_allows_tf32()  # 16-bit inputs: no fp32 dots to set
 
 
 def _scale32(scale: Tensor) -> Tensor:
@@ -118,11 +120,11 @@ def _scale32(scale: Tensor) -> Tensor:
 
 def forward(x2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor, bias: Optional[Tensor]) -> Tensor:
     return _ops().forward(x2, weight.contiguous(), aux_weight.contiguous(), _scale32(scale),
-                          bias.contiguous() if bias is not None else None, _allow_tf32())
+                          bias.contiguous() if bias is not None else None, _allow_tf32(x2.dtype))
 
 
 def dgrad(dy2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor) -> Tensor:
-    return _ops().dgrad(dy2, weight.contiguous(), aux_weight.contiguous(), _scale32(scale), _allow_tf32())
+    return _ops().dgrad(dy2, weight.contiguous(), aux_weight.contiguous(), _scale32(scale), _allow_tf32(dy2.dtype))
 
 
 def wgrad(
@@ -130,7 +132,7 @@ def wgrad(
     need_weight: bool, need_aux: bool, need_scale: bool, need_bias: bool,
 ):
     dw, daux, dscale, db = _ops().wgrad(dy2, x2, aux_weight.contiguous(), _scale32(scale), need_weight, need_aux,
-                                        need_scale, need_bias, _allow_tf32())
+                                        need_scale, need_bias, _allow_tf32(dy2.dtype))
     return (
         dw if need_weight else None,
         daux if need_aux else None,

@@ -28,7 +28,8 @@ when neither dλ nor db is wanted): at M = 197 tokens a launch costs about as mu
 
 On CUDA both kernels are autotuned (configs below, for Ampere and Hopper). Under
 ``TRITON_INTERPRET=1`` one small config is used (tests may pick others with ``config_override``).
-fp32 dots follow ``torch.get_float32_matmul_precision()``: "highest" → IEEE, otherwise TF32.
+fp32 dots follow torch's fp32 matmul precision (``m2pt_kernels._precision``): IEEE at "highest" /
+``fp32_precision = "ieee"``, otherwise TF32.
 """
 from __future__ import annotations
 
@@ -40,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from .._precision import fp32_matmul_allows_tf32
 
 __all__ = ["forward", "dgrad", "wgrad", "config_override", "GEMM_CONFIGS", "WGRAD_CONFIGS"]
 
@@ -349,7 +352,7 @@ def config_override(gemm: Optional[dict] = None, wgrad: Optional[dict] = None,
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.get_float32_matmul_precision() == "highest":
+    if dtype == torch.float32 and not fp32_matmul_allows_tf32():
         return "ieee"
     return "tf32"  # TF32 for fp32 at "high"/"medium"; ignored by tl.dot for 16-bit inputs
 
