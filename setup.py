@@ -8,7 +8,8 @@ Switches (environment variables):
     M2PT_SKIP_CUDA_BUILD=1    pure-Python package, never compile
     M2PT_FORCE_CUDA_BUILD=1   build the extension or fail loudly saying why it can't
     TORCH_CUDA_ARCH_LIST      default "8.0+PTX;9.0a": sm_80 and sm_90a code, plus compute_80 PTX
-                              that the driver compiles for newer GPUs
+                              that the driver compiles for newer GPUs; entries below 8.0 are
+                              left out (the kernels need Ampere or newer)
     MAX_JOBS                  parallel compile jobs (read by torch's BuildExtension / ninja)
     NVCC_THREADS              nvcc --threads (default 1)
     M2PT_CUDA_VERBOSE=1       nvcc -Xptxas -v -lineinfo: registers / spills / smem of every kernel
@@ -77,6 +78,28 @@ def decide_cuda_build(env, torch_available, torch_cuda_version, cuda_home, nvcc_
         raise RuntimeError(f"m2pt_kernels setup: M2PT_FORCE_CUDA_BUILD=1 but the CUDA extension can't be built: "
                            f"{problem}")
     return False, f"pure-Python package: {problem}"
+
+
+# torch's named arch sets (torch.utils.cpp_extension) that are all below sm_80
+_PRE_AMPERE_NAMES = {"kepler+tesla", "kepler", "maxwell+tegra", "maxwell", "pascal", "volta+tegra", "volta",
+                     "turing"}
+
+
+def split_arch_list(arch_list):
+    """(the TORCH_CUDA_ARCH_LIST entries the kernels can be built for, those they can't).
+
+    The kernels use bf16 / TF32 tensor cores (WMMA) and cp.async: sm_80 (Ampere) or newer. nvcc
+    stops with errors on an older arch, and many containers export a list that starts at 5.x or 7.x,
+    so older entries are dropped from the build (setup says which) rather than failing it.
+    Entries: ``8.0``, ``9.0a``, ``8.6+PTX``, or torch's names (``Ampere``, ``Turing``, ...)."""
+    kept, dropped = [], []
+    for entry in re.split(r"[;\s]+", arch_list.strip()):
+        if not entry:
+            continue
+        match = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", entry)
+        old = (int(match.group(1)), int(match.group(2))) < (8, 0) if match else entry.lower() in _PRE_AMPERE_NAMES
+        (dropped if old else kept).append(entry)
+    return kept, dropped
 
 
 def find_cuda_toolkit(env):
@@ -204,8 +227,20 @@ def cuda_extension_setup_kwargs(argv=None):
     import torch
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCH_LIST)
-    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"]
+    if not os.environ.get("TORCH_CUDA_ARCH_LIST", "").strip():
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
+    kept, dropped = split_arch_list(os.environ["TORCH_CUDA_ARCH_LIST"])
+    if dropped:
+        print(f"m2pt_kernels setup: TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r}: leaving out "
+              f"{', '.join(dropped)} (the kernels need sm_80 or newer)", file=sys.stderr)
+    if not kept:
+        why = (f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']!r} names no arch of 8.0 or newer, "
+               f"which the kernels need (e.g. TORCH_CUDA_ARCH_LIST={DEFAULT_ARCH_LIST!r})")
+        if _flag(os.environ, "M2PT_FORCE_CUDA_BUILD"):
+            raise RuntimeError(f"m2pt_kernels setup: M2PT_FORCE_CUDA_BUILD=1 but {why}")
+        print(f"m2pt_kernels setup: no CUDA extension ({why})", file=sys.stderr)
+        return {}, ""
+    arch_list = os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(kept)
     generated = write_build_info(torch.__version__, torch.version.cuda, arch_list)
     nvcc_flags = ["-O3", "--expt-relaxed-constexpr", f"--threads={int(os.environ.get('NVCC_THREADS', '1'))}"]
     cxx_after = [flag for inc in nvidia_include_dirs(cuda_home) for flag in ("-idirafter", inc)]

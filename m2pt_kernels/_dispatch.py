@@ -7,7 +7,8 @@ Priority: ``use_backend(name)`` (innermost wins) > ``M2PT_BACKEND`` in the envir
   (the interpreter is how the kernels are tested without a GPU).
 - ``cuda``: the compiled extension ``m2pt_kernels._C``; CUDA tensors only.
 - ``auto``: ``triton`` for CUDA tensors of a supported dtype when triton is importable, then
-  ``cuda`` if that is built, else ``reference``.
+  ``cuda`` if that is built, else ``reference``. The fused backends need an sm_80+ GPU (Ampere or
+  newer); on an older one they are unavailable and ``auto`` picks ``reference``.
 
 An unknown backend, or one that cannot run on the given tensors, is an error, never a silent
 fallback. Backends are imported lazily here and never import each other.
@@ -55,9 +56,25 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+# The fused kernels are built and tuned for Ampere and newer (bf16 / TF32 tensor cores, cp.async);
+# on an older GPU ``auto`` computes with the reference, and asking for a fused backend is an error.
+MIN_CAPABILITY = (8, 0)
+
+
+def _pre_ampere_devices() -> list[str]:
+    """The visible CUDA devices below ``MIN_CAPABILITY``, named for an error message."""
+    old = []
+    for i in range(torch.cuda.device_count()):
+        major, minor = torch.cuda.get_device_capability(i)
+        if (major, minor) < MIN_CAPABILITY:
+            old.append(f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{major}{minor})")
+    return old
+
+
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For every concrete backend: (usable in this process, why or why not)."""
     status: dict[str, tuple[bool, str]] = {"reference": (True, "plain PyTorch, always available")}
+    old_gpus = _pre_ampere_devices() if torch.cuda.is_available() else []
     if importlib.util.find_spec("triton") is None:
         status["triton"] = (False, "triton is not installed (pip install triton)")
     elif torch.cuda.is_available():
@@ -71,6 +88,12 @@ def backend_status() -> dict[str, tuple[bool, str]]:
         status["cuda"] = cuda_mod.availability()
     except Exception as exc:  # a broken extension must never break the package
         status["cuda"] = (False, f"the cuda backend failed to load: {exc}")
+    if old_gpus:
+        for fused in ("triton", "cuda"):
+            if status[fused][0]:
+                status[fused] = (False, f"its kernels need a GPU of compute capability "
+                                        f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper); "
+                                        f"this machine has {', '.join(old_gpus)}")
     return status
 
 

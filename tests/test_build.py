@@ -77,6 +77,41 @@ def test_pure_python_fallback_and_force(setup_module_, missing, expected):
     assert expected in str(err.value)
 
 
+@pytest.mark.parametrize("arch_list,kept", [
+    ("8.0+PTX;9.0a", ["8.0+PTX", "9.0a"]),
+    ("5.2 6.0 6.1 7.0 7.2 7.5 8.0 8.6 8.7 9.0+PTX", ["8.0", "8.6", "8.7", "9.0+PTX"]),  # an NGC-style list
+    ("Turing;Ampere;Hopper", ["Ampere", "Hopper"]),
+    ("8.9 9.0a 10.0f 12.0", ["8.9", "9.0a", "10.0f", "12.0"]),
+    ("7.0;7.5+PTX", []),
+])
+def test_arch_list_keeps_sm80_and_newer(setup_module_, arch_list, kept):
+    got, dropped = setup_module_.split_arch_list(arch_list)
+    assert got == kept
+    assert sorted(got + dropped) == sorted(e for e in arch_list.replace(";", " ").split())
+
+
+@pytest.mark.parametrize("force", [False, True])
+def test_arch_list_without_sm80_builds_no_extension(setup_module_, monkeypatch, capsys, force):
+    """nvcc fails on the kernels below sm_80: such a list gives the pure-Python package with the reason
+    (an error when the build is forced), and a mixed list builds the sm_80+ part and says what it left out."""
+    monkeypatch.setattr(setup_module_, "probe_toolchain", lambda: tuple(GOOD.values()))
+    monkeypatch.setattr(setup_module_, "write_build_info", lambda *a: "unused")  # not the tree's header
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.0 7.5")
+    if force:
+        monkeypatch.setenv("M2PT_FORCE_CUDA_BUILD", "1")
+        with pytest.raises(RuntimeError, match="names no arch of 8.0 or newer"):
+            setup_module_.cuda_extension_setup_kwargs(["build_ext"])
+        return
+    monkeypatch.delenv("M2PT_FORCE_CUDA_BUILD", raising=False)
+    assert setup_module_.cuda_extension_setup_kwargs(["build_ext"]) == ({}, "")
+    err = capsys.readouterr().err
+    assert "leaving out 7.0, 7.5" in err and "no CUDA extension" in err and "names no arch of 8.0" in err
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "7.5 8.0 9.0a")
+    kwargs, _ = setup_module_.cuda_extension_setup_kwargs(["build_ext"])
+    assert kwargs["ext_modules"] and os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0;9.0a"
+    assert "leaving out 7.5" in capsys.readouterr().err
+
+
 def test_skip_and_force_contradict(setup_module_):
     with pytest.raises(RuntimeError, match="contradict"):
         setup_module_.decide_cuda_build({"M2PT_SKIP_CUDA_BUILD": "1", "M2PT_FORCE_CUDA_BUILD": "1"}, **GOOD)

@@ -1,5 +1,6 @@
 """m2pt::cross_modal_linear: every backend against the float64 reference, the op contract, errors."""
 import functools
+import importlib.util
 import os
 
 import pytest
@@ -310,6 +311,30 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
         with use_backend("cuda"):
             pass
+
+
+def test_fused_backends_are_unavailable_on_a_pre_ampere_gpu(monkeypatch):
+    """A T4 (sm_75) next to an H100: the kernels need sm_80+, so both fused backends say so (auto
+    then picks the reference) instead of failing at the first launch."""
+    import types
+
+    from m2pt_kernels.ops import cross_modal_linear_cuda as cuda_backend
+    gpus = [("NVIDIA H100", (9, 0)), ("Tesla T4", (7, 5))]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][0])
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: gpus[i][1])
+    fake_ext = types.SimpleNamespace(TORCH_VERSION="t", CUDA_VERSION="c", CUDA_ARCHS="8.0;9.0a")
+    monkeypatch.setattr(cuda_backend, "_load", lambda: (fake_ext, None))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a, real=importlib.util.find_spec: object() if name == "triton" else real(name, *a))
+    status = _dispatch.backend_status()
+    for fused in ("triton", "cuda"):
+        ok, why = status[fused]
+        assert not ok and "compute capability 8.0 or newer" in why and "cuda:1 (Tesla T4, sm_75)" in why, why
+        assert "H100" not in why
+    gpus.pop()  # the H100 alone: both usable
+    assert _dispatch.backend_status()["triton"][0] and _dispatch.backend_status()["cuda"][0]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
