@@ -59,9 +59,40 @@ def emu(tmp_path_factory):
            "-I", os.path.join(CSRC, "emulator"), "-I", CSRC, "-I", inc,
            "-include", os.path.join(CSRC, "emulator", "emulator.h"),
            str(out / "kernels_emu.cpp"), os.path.join(CSRC, "emulator", "emulator_api.cpp"), "-o", str(lib)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stderr[-4000:]
-    return ctypes.CDLL(str(lib))
+    # UBSan's alignment check: a 16-byte vector load from an address that is not 16-byte aligned
+    # faults on a GPU but may work on x86 (or crash the process, depending on the instruction the
+    # compiler picked), so without it the emulator can miss a missing alignment check. Reports go
+    # to files (UBSAN_OPTIONS is read at the first report, so it stays set while this module's tests
+    # run), which check_no_misaligned_access reads after each launch. Without libubsan: no check.
+    ubsan = subprocess.run(cmd[:1] + ["-fsanitize=alignment"] + cmd[1:], capture_output=True, text=True, timeout=600)
+    saved = os.environ.get("UBSAN_OPTIONS")
+    if ubsan.returncode == 0:
+        log = out / "ubsan"
+        os.environ["UBSAN_OPTIONS"] = f"log_path={log}:print_stacktrace=0:halt_on_error=0"
+    else:
+        log = None
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert res.returncode == 0, res.stderr[-4000:]
+    emu_lib = ctypes.CDLL(str(lib))
+    emu_lib.ubsan_log = None if log is None else str(log)
+    yield emu_lib
+    if log is not None:
+        if saved is None:
+            os.environ.pop("UBSAN_OPTIONS", None)
+        else:
+            os.environ["UBSAN_OPTIONS"] = saved
+
+
+def check_no_misaligned_access(emu):
+    """Fail with UBSan's report if any emulated load or store since the last call was misaligned."""
+    if emu.ubsan_log is None:
+        return
+    d, prefix = os.path.split(emu.ubsan_log)
+    reports = [os.path.join(d, f) for f in os.listdir(d) if f.startswith(prefix + ".")]
+    text = "".join(open(r, encoding="utf-8", errors="replace").read() for r in reports)
+    for r in reports:
+        os.remove(r)
+    assert not text, "misaligned access in the emulated kernels:\n" + text[:3000]
 
 
 def _p(t):
@@ -93,6 +124,7 @@ def run_emulated(emu, x, w, a, s, b, dy, *, tf32=False, need=(True, True, True, 
     db = torch.full((n,), float("nan"), dtype=x.dtype) if need_b else None
     emu.emu_wgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(x), _i(x.stride(0)),
                   _i(x.stride(1)), _p(a), _p(s32), per_channel, _p(dw), _p(da), _p(ds), _p(part), _p(db), dt, math)
+    check_no_misaligned_access(emu)
     return y, dx, dw, da, ds, db
 
 
@@ -174,6 +206,35 @@ def test_emulated_partial_gradients(emu, need):
     check(run_emulated(emu, x, w, a, s, b, dy, need=need), x, w, a, s, b, dy, 2e-2, need=need)
 
 
+@pytest.mark.parametrize("need", [(True, False, True, True), (False, True, False, False)],
+                         ids=["weight+lambda+bias (W' frozen)", "aux-only"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+def test_emulated_more_gradient_combinations(emu, need, per_channel):
+    """The usual M2PT case (W' frozen: dW, dλ, db) and W' alone, both λ shapes."""
+    x, w, a, s, b, dy = make(70, 40, 37, torch.bfloat16, per_channel=per_channel, bias=True)
+    check(run_emulated(emu, x, w, a, s, b, dy, need=need), x, w, a, s, b, dy, 2e-2, need=need)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("m", [9, 97], ids=["gemv", "tiled"])
+def test_emulated_rows_padded_off_the_vector_width(emu, dtype, m):
+    """x and dy as column slices of wider buffers: every row starts at an aligned base, K and N are
+    multiples of 8, but the row stride (K + 1, N + 1) is not, so only the first row is 16-byte
+    aligned. The kernels must take scalar loads there (a vector load would fault on a GPU; here the
+    UBSan build reports it, or the misaligned load crashes the process) and give the contiguous inputs' results, bit for bit where the
+    scalar and vector paths sum in the same order (all but the fp32 GEMV's)."""
+    k, n = 48, 40
+    x, w, a, s, b, dy = make(m, k, n, dtype, per_channel=True, bias=True)
+    x_pad = torch.empty(m, k + 1, dtype=dtype)[:, :k].copy_(x)
+    dy_pad = torch.empty(m, n + 1, dtype=dtype)[:, :n].copy_(dy)
+    assert x_pad.stride() == (k + 1, 1) and dy_pad.stride() == (n + 1, 1)
+    padded = run_emulated(emu, x_pad, w, a, s, b, dy_pad)
+    if not (dtype == torch.float32 and m <= 64):
+        for got, ref in zip(padded, run_emulated(emu, x, w, a, s, b, dy)):
+            torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    check(padded, x, w, a, s, b, dy, TOL[dtype])
+
+
 def test_emulated_gemv_vector_and_scalar_paths_agree(emu):
     """K % 8 == 0 and aligned: uint4 loads; the same data at an odd offset: scalar loads."""
     x, w, a, s, b, dy = make(9, 64, 24, torch.bfloat16, per_channel=True, bias=True)
@@ -213,6 +274,7 @@ def run_dgrad(emu, dy, w, a, s, *, tf32=False):
     s32 = s.float().contiguous()  # held: the kernel reads it through a raw pointer
     emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
                   int(s.numel() > 1), _p(dx), DTYPES[dy.dtype], int(tf32))
+    check_no_misaligned_access(emu)
     return dx
 
 
