@@ -4,7 +4,7 @@ Needs a CUDA device and the built extension (``M2PT_FORCE_CUDA_BUILD=1 python se
 --inplace``); skipped otherwise. Covers M in {1, 7, 64, 65, 197, 1576} (the GEMV path for M <= 64,
 the tiled path above), odd and ViT-sized K / N, bf16 / fp16 / fp32 ("highest" = FFMA, "high" = tf32),
 bias or none, λ of shape [1] or [N], every gradient, linear probing (only λ and x need gradients),
-batched and non-contiguous x, and determinism of dλ. The dgrad GEMV (M <= 64) alone through
+batched and non-contiguous x, rows of x and dy not 16-byte aligned, and determinism of dλ. The dgrad GEMV (M <= 64) alone through
 torch.ops.m2pt_cuda.dgrad: M in {1, 3, 64} against the tiled kernel at 65, strided dy, vector and
 scalar W / W' loads bit-identical, deterministic, fp32 FFMA whatever the tf32 flag, and the merged
 weight rounded once to the input dtype (forward GEMV too).
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from m2pt_kernels import available_backends
+from m2pt_kernels._precision import fp32_matmul_allows_tf32
 
 from helpers import make_inputs, rel_err, reference64, run_backend, tolerance
 
@@ -59,7 +60,7 @@ def dlam_err(got, ref, x, a, dy, per_channel):
 
 def check_against_reference(inputs, dy, dtype):
     y, grads = run_cuda(inputs, dy)
-    tf32 = dtype == torch.float32 and torch.get_float32_matmul_precision() != "highest"
+    tf32 = dtype == torch.float32 and fp32_matmul_allows_tf32()
     y64, grads64 = reference64(*inputs, dy)
     tol = tolerance(dtype, DEVICE)
     assert y.dtype == dtype
@@ -98,6 +99,19 @@ def test_batched_non_contiguous_x(dtype, lead):
     assert not inputs[0].is_contiguous()
     dy = torch.randn(*lead, 37, device=DEVICE, dtype=dtype)
     check_against_reference(inputs, dy, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+@pytest.mark.parametrize("m", [9, 97], ids=["gemv", "tiled"])
+def test_rows_padded_off_the_vector_width(dtype, m):
+    """x and dy as column slices of wider buffers (row strides K + 1, N + 1 with K, N multiples of 8):
+    the base is aligned but later rows are not, so the kernels must take scalar loads (a 16-byte load
+    there is a misaligned-address fault)."""
+    k, n = 48, 40
+    x, w, a, s, b = make_inputs((m,), k, n, dtype, bias=True, per_channel=True)
+    x_pad = torch.empty(m, k + 1, device=DEVICE, dtype=dtype)[:, :k].copy_(x.detach()).requires_grad_(True)
+    dy = torch.empty(m, n + 1, device=DEVICE, dtype=dtype)[:, :n].normal_()
+    check_against_reference((x_pad, w, a, s, b), dy, dtype)
 
 
 @pytest.mark.parametrize("m", [1, 197])
