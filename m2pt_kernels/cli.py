@@ -1,8 +1,8 @@
 """The ``m2pt`` command (``python -m m2pt_kernels`` is the same).
 
     m2pt demo [--quick] [--out DIR] [--device DEV] ...   end-to-end M2PT run on a CPU or GPU
-    m2pt info                                           versions, devices, backends (and why not)
-    m2pt merge IN OUT [--force]                         fold pathways into plain weights
+    m2pt info [--json]                                  versions, devices, backends (and why not)
+    m2pt merge IN OUT [--force] [--unsafe-pickle]       fold pathways into plain weights
     m2pt bench [ARGS...]                                the benchmark suite (m2pt_kernels.bench)
 
 Exit codes: 0 ok, 2 user error (one line on stderr, no traceback).

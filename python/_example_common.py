@@ -187,13 +187,15 @@ def check_train_args(args) -> None:
         check_checkpoint_path(args.out, "--out")
 
 
-def add_aux_args(p: argparse.ArgumentParser) -> None:
+def add_aux_args(p: argparse.ArgumentParser, *, aux_trainable_choice: bool = True) -> None:
+    """``aux_trainable_choice=False``: no --freeze-aux (a script where W' is always frozen)."""
     g = p.add_argument_group("pathways")
     g.add_argument("--aux-checkpoint", default=None,
                    help="auxiliary model weights (.pth/.safetensors; e.g. a Point-MAE / AST / VideoMAE checkpoint "
                         "whose blocks use timm names). With --synthetic and no checkpoint, a randomly initialized "
                         "point-cloud transformer stands in (a pipeline check, not a real auxiliary).")
-    g.add_argument("--freeze-aux", action="store_true", help="keep W' frozen (default: trainable, as in the paper)")
+    if aux_trainable_choice:
+        g.add_argument("--freeze-aux", action="store_true", help="keep W' frozen (default: trainable, as in the paper)")
     g.add_argument("--per-channel-scale", action="store_true", help="one λ per output channel instead of one per layer")
 
 

@@ -38,7 +38,7 @@ def main(argv=None) -> int:
     p = common.parser(__doc__)
     common.add_model_args(p)
     common.add_data_args(p)
-    common.add_aux_args(p)
+    common.add_aux_args(p, aux_trainable_choice=False)  # W' is always frozen here
     common.add_train_args(p, lr=1e-3, steps=200)
     p.add_argument("--head", default="head", help="name of the classifier module that also trains (default head)")
     args = p.parse_args(argv)

@@ -1,6 +1,7 @@
 r"""Triton backend of ``m2pt::cross_modal_linear`` (math: the op's docstring in ``cross_modal_linear.py``).
 
-Two kernels; neither ever writes W + λ·W' to memory.
+Two GEMM kernels and a small finalize kernel (the dλ / db partials); none ever writes W + λ·W' to
+memory.
 
 ``_merged_gemm_kernel`` -- ``C[M, NC] = A[M, R] · B[R, NC]`` where B is a strided view of the merged
 weight, formed tile by tile in registers: W and W' tiles are loaded, merged in fp32 with λ, cast to
