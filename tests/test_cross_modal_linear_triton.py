@@ -314,7 +314,7 @@ def test_finalize_reads_only_the_rows_the_autotuned_config_wrote(monkeypatch, na
                                      [triton.Config(_wg(16, 16, 16)), triton.Config(_wg(16, 32, 16))],
                                      do_bench=fake_bench)
     monkeypatch.setattr(triton_backend, "_wgrad_tuned", tuned)
-    monkeypatch.setattr(triton_backend, "_meta", lambda kind: None)
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind, dtype: None)
     for per_channel in (True, False):
         for call in range(2):
             inputs = _wgrad_inputs(7, 70, 37, torch.float16, per_channel)
@@ -327,6 +327,86 @@ def test_finalize_reads_only_the_rows_the_autotuned_config_wrote(monkeypatch, na
             if call == 1:
                 assert dlam_part[:, written:].isnan().all() and dlam_part[:, :, columns:].isnan().all()
     assert tuned.best_config.kwargs["BLOCK_K"] == 32 and len(calls) == 2  # λ's shape is not in the key
+
+
+def test_finalize_uses_the_config_this_call_launched(monkeypatch, nan_workspace):
+    """The autotuner's ``best_config`` is one attribute shared by every caller: another thread's
+    launch (one autograd thread per GPU) can overwrite it between this call's launch and its
+    finalize. The finalize must use the config that this call's launch ran with (here, after each
+    launch, best_config is switched to the other BLOCK_K, as the other thread would)."""
+    import triton
+
+    configs = [triton.Config(_wg(16, 16, 16)), triton.Config(_wg(16, 32, 16))]
+    tuned = triton_backend.autotuned(triton_backend._wgrad_kernel, configs,
+                                     do_bench=lambda kernel_call, quantiles: kernel_call() or [1.0] * 3)
+    run = tuned.run
+
+    def run_then_other_thread(*args, **kwargs):
+        out = run(*args, **kwargs)
+        tuned.best_config = next(c for c in configs if c is not tuned.best_config)
+        return out
+
+    monkeypatch.setattr(tuned, "run", run_then_other_thread)
+    monkeypatch.setattr(triton_backend, "_wgrad_tuned", tuned)
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind, dtype: None)
+    for per_channel in (True, False):
+        for _ in range(2):  # tuning, then cached
+            _check_wgrad(*_wgrad_inputs(7, 70, 37, torch.float16, per_channel), (True, False, True, True))
+
+
+class _FakeCudaTensor:
+    is_cuda = True
+    device = "cuda:0"
+
+    def __init__(self, element_size):
+        self._size = element_size
+
+    def element_size(self):
+        return self._size
+
+
+@pytest.mark.parametrize("capability,smem", [((8, 0), 166912), ((8, 9), 101376), ((9, 0), 232448)])
+@pytest.mark.parametrize("elem", [4, 2], ids=["fp32", "bf16"])
+def test_configs_are_pruned_for_the_device(monkeypatch, capability, smem, elem):
+    """Configs whose operand staging alone exceeds the GPU's shared memory are not timed, SWAP_AB
+    (for wgmma) only on Hopper; the deterministic configs and at least one of every kind remain."""
+    monkeypatch.setattr(triton_backend, "_device_limits", lambda device: (smem, capability))
+    dtype = torch.float32 if elem == 4 else torch.bfloat16
+    for kind, configs, fixed in (("gemm", triton_backend.GEMM_CONFIGS, triton_backend.DETERMINISTIC_GEMM),
+                                 ("wgrad", triton_backend.WGRAD_CONFIGS, triton_backend.DETERMINISTIC_WGRAD)):
+        kept = triton_backend.prune_for_device(kind, configs, _FakeCudaTensor(elem))
+        assert kept and all(triton_backend.smem_lower_bound(kind, c, elem) <= smem for c in kept)
+        assert fixed[dtype] in kept
+        assert any(c.kwargs.get("SWAP_AB") for c in kept) == (kind == "gemm" and capability >= (9, 0))
+        dropped = [c for c in configs if c not in kept]
+        assert all(triton_backend.smem_lower_bound(kind, c, elem) > smem or c.kwargs.get("SWAP_AB")
+                   for c in dropped)
+    # nothing fits: the least demanding config stays (triton then says what is missing)
+    tiny = triton_backend.prune_for_device("gemm", triton_backend.GEMM_CONFIGS[:2], _FakeCudaTensor(4))
+    assert len(tiny) == 1 or smem >= 196608
+    assert triton_backend.prune_for_device("gemm", triton_backend.GEMM_CONFIGS, torch.empty(1)) \
+        == triton_backend.GEMM_CONFIGS  # CPU tensors (tests): all
+
+
+def test_deterministic_mode_uses_fixed_configs(monkeypatch):
+    """Under torch.use_deterministic_algorithms(True) the GPU path launches one fixed config per
+    kernel and dtype (the autotuner's pick could differ between processes and with it dλ's
+    rounding); otherwise it autotunes. Overrides and the interpreter still come first."""
+    monkeypatch.setattr(triton_backend, "_interpreting", lambda: False)
+    before = torch.are_deterministic_algorithms_enabled()
+    try:
+        torch.use_deterministic_algorithms(False)
+        assert triton_backend._meta("gemm", torch.float32) is None
+        torch.use_deterministic_algorithms(True)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            for kind, table in (("gemm", triton_backend.DETERMINISTIC_GEMM), ("wgrad", triton_backend.DETERMINISTIC_WGRAD)):
+                meta = triton_backend._meta(kind, dtype)
+                config = table[dtype]
+                assert meta == dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+        with triton_backend.config_override(gemm=CONFIGS[0][1]):
+            assert triton_backend._meta("gemm", torch.float32) == CONFIGS[0][1]
+    finally:
+        torch.use_deterministic_algorithms(before)
 
 
 # ------------------------------------------------------------------ how many launches wgrad makes
@@ -428,7 +508,7 @@ def test_wgrad_launch_count_autotuned(monkeypatch, launches):
                                      do_bench=fake_bench)
     monkeypatch.setattr(triton_backend, "_wgrad_tuned", tuned)
     launches.count_triton(monkeypatch, "_wgrad_tuned")
-    monkeypatch.setattr(triton_backend, "_meta", lambda kind: None)
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind, dtype: None)
     dy, x, a, s = _wgrad_inputs(6, 40, 24, torch.float16, per_channel=False)
     triton_backend.wgrad(dy, x, a, s, True, True, True, True)  # tunes
     launches.log.clear()  # (Triton launches are logged with or without the mode entered)
@@ -535,7 +615,7 @@ def test_autotuned_launch_path(monkeypatch):
     wgrad = triton_backend.autotuned(triton_backend._wgrad_kernel, wgrad_configs, do_bench=fake_bench)
     monkeypatch.setattr(triton_backend, "_gemm_tuned", gemm)
     monkeypatch.setattr(triton_backend, "_wgrad_tuned", wgrad)
-    monkeypatch.setattr(triton_backend, "_meta", lambda kind: None)
+    monkeypatch.setattr(triton_backend, "_meta", lambda kind, dtype: None)
     for weight_trainable in (True, False):  # full wgrad, then the λ-only variant
         inputs = make_inputs((2, 19), 70, 37, torch.float16, per_channel=True,
                              weight_trainable=weight_trainable, aux_trainable=weight_trainable)
@@ -562,7 +642,7 @@ def test_kernels_compile_for_hopper_and_ampere():
     env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join(sys.path))
     done = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert done.stdout.count("ok ") == 12, done.stdout
+    assert done.stdout.count("ok ") == 12 + 20, done.stdout
 
 
 def _compile_ahead_of_time():
@@ -644,6 +724,23 @@ def _compile_ahead_of_time():
             assert dots and all(d.startswith("tensor<") == merged_in_registers for d in dots), (config, dots)
         print(f"ok sm_{cap} {fn.__name__} {config} shared={kernel.metadata.shared}", flush=True)
 
+    # The deterministic configs (and the fp32 fallbacks) must fit every sm_80+ GPU's shared memory,
+    # sm_86 / sm_89's 99 KiB included; and the pruning's estimate must be a lower bound.
+    limit = {80: 166912, 86: 101376, 90: 232448}
+    fits = []
+    for cap in (86, 80):
+        for dtype, precision in ((torch.float32, "ieee"), (torch.float32, "tf32"), (torch.bfloat16, "tf32")):
+            for lam_on_r in (False, True):
+                fits.append((cap, tb._merged_gemm_kernel, "gemm", gemm(dtype, lam_on_r, precision),
+                             tb.DETERMINISTIC_GEMM[dtype]))
+            fits.append((cap, tb._wgrad_kernel, "wgrad", wgrad(dtype, True, precision), tb.DETERMINISTIC_WGRAD[dtype]))
+        fits.append((cap, tb._merged_gemm_kernel, "gemm", gemm(torch.float32, False, "ieee"), tb.GEMM_CONFIGS[-1]))
+    for cap, fn, kind, values, config in fits:
+        shared = compile_for(fn, values, config, cap).metadata.shared
+        elem = 4 if values[fn.arg_names[0]] == torch.float32 else 2
+        assert tb.smem_lower_bound(kind, config, elem) <= shared <= limit[cap], (cap, fn.__name__, config, shared)
+        print(f"ok fits sm_{cap} {fn.__name__} {values['PRECISION']} {config} shared={shared}", flush=True)
+
 
 if __name__ == "__main__":
     _compile_ahead_of_time()
@@ -651,7 +748,7 @@ if __name__ == "__main__":
 
 def test_autotuner_times_configs_briefly(monkeypatch):
     """The autotuned launchers time each config with 5 + 20 ms (triton's default, 25 + 100 ms, makes
-    a new shape's 31 configs cost seconds of scarce GPU time); the timer is triton's do_bench."""
+    a new shape's 35 configs cost seconds of scarce GPU time); the timer is triton's do_bench."""
     import triton.testing
     seen = []
     monkeypatch.setattr(triton.testing, "do_bench", lambda fn, **kw: seen.append(kw) or [1.0, 1.0, 1.0])

@@ -24,8 +24,10 @@ G is written there is no split (it would need an fp32 [SPLIT_M, N, K] workspace)
 
 ``_finalize_kernel`` -- one launch after the wgrad kernel: sums the partials it wrote (and only
 those) in a fixed order and writes dλ in λ's dtype (per channel, or summed over channels too for
-λ of shape [1]) and db in dy's dtype. Deterministic, no atomics. So wgrad is two launches (one
-when neither dλ nor db is wanted): at M = 197 tokens a launch costs about as much as the math.
+λ of shape [1]) and db in dy's dtype. Deterministic for a given config, no atomics (under
+``torch.use_deterministic_algorithms(True)`` the configs are fixed: ``DETERMINISTIC_GEMM``). So
+wgrad is two launches (one when neither dλ nor db is wanted): at M = 197 tokens a launch costs
+about as much as the math.
 
 On CUDA both kernels are autotuned (configs below, for Ampere and Hopper). Under
 ``TRITON_INTERPRET=1`` one small config is used (tests may pick others with ``config_override``).
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Iterator, Optional
 
 import torch
@@ -125,11 +128,11 @@ def _merged_gemm_kernel(
             else:
                 lam = lam_c[:, None]
             b = (w.to(tl.float32) + lam * u.to(tl.float32)).to(in_dtype)
-            a = tl.load(a_ptr + offs_r[:, None] * stride_ar + offs_m[None, :] * stride_am,
+            a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * stride_ar + offs_m[None, :] * stride_am,
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0)
             acc = _dot(b, a, acc, PRECISION, UPCAST)
         else:
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r[None, :] * stride_ar,
+            a = tl.load(a_ptr + offs_m[:, None] * stride_am + offs_r.to(tl.int64)[None, :] * stride_ar,
                         mask=mask_m[:, None] & mask_r[None, :], other=0.0)
             mask_b = mask_r[:, None] & mask_c[None, :]
             w = tl.load(w_ptr + offs_r[:, None] * stride_wr + offs_c[None, :] * stride_wc, mask=mask_b, other=0.0)
@@ -179,9 +182,9 @@ def _wgrad_kernel(
     for m0 in range(m_start, m_end, BLOCK_M):
         offs_m = (m0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask_m = offs_m < m_end
-        dyt = tl.load(dy_ptr + offs_n[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
+        dyt = tl.load(dy_ptr + offs_n.to(tl.int64)[:, None] * stride_dyn + offs_m[None, :] * stride_dym,
                       mask=mask_n[:, None] & mask_m[None, :], other=0.0)  # dyᵀ tile [BLOCK_N, BLOCK_M]
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k.to(tl.int64)[None, :] * stride_xk,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0)
         acc = _dot(dyt, x, acc, PRECISION, UPCAST)
         if NEED_BIAS:
@@ -270,7 +273,9 @@ def _wgrad_config(bn, bk, bm, warps, stages, group=8):
 # Ampere: mma.sync, 3-4 stage cp.async pipelines (~164 KiB smem on A100; the merged operand costs
 # two loads, W and W'). Hopper: wgmma wants 64-row multiples per warpgroup; with SWAP_AB the merged
 # weight is the register operand and x stays on the smem pipeline; BLOCK_M = 32/64 swapped
-# configs cover small-M inference (M = 197).
+# configs cover small-M inference (M = 197). The last two are small 2-stage fallbacks: fp32 tiles
+# take twice the shared memory of bf16 ones, and with IEEE dots none of the others fits the
+# 99 KiB of an sm_86 / sm_89 GPU (RTX 30xx / 40xx, A10, L4, L40S).
 GEMM_CONFIGS = [
     _gemm_config(128, 128, 32, 4, 4, False),
     _gemm_config(128, 128, 64, 8, 3, False),
@@ -284,6 +289,8 @@ GEMM_CONFIGS = [
     _gemm_config(256, 128, 32, 8, 3, True),
     _gemm_config(32, 128, 64, 4, 4, True),
     _gemm_config(64, 64, 64, 4, 3, True),
+    _gemm_config(128, 64, 32, 4, 2, False),
+    _gemm_config(64, 64, 32, 4, 2, False),
 ]
 WGRAD_CONFIGS = [
     _wgrad_config(128, 128, 32, 4, 4),
@@ -298,10 +305,60 @@ WGRAD_CONFIGS = [
 GEMM_KEY = ["M_BUCKET", "NC", "R", "LAM_ON_R", "HAS_BIAS", "PRECISION"]
 WGRAD_KEY = ["M_BUCKET", "N", "K", "NEED_W", "NEED_AUX", "NEED_SCALE", "NEED_BIAS", "PRECISION"]
 
+# Under torch.use_deterministic_algorithms(True): one fixed config per kernel and dtype instead of
+# the autotuner's pick. dλ sums its per-tile partials in a fixed order, but the tiles' size is the
+# chosen BLOCK_K, so an autotuner that picks differently in another process (timing noise) changes
+# dλ's rounding; fixed configs give the same bits run after run on one GPU model. These fit every
+# sm_80+ GPU's shared memory (fp32: the fallbacks above).
+DETERMINISTIC_GEMM = {torch.float32: GEMM_CONFIGS[-2], torch.bfloat16: GEMM_CONFIGS[0], torch.float16: GEMM_CONFIGS[0]}
+DETERMINISTIC_WGRAD = {torch.float32: WGRAD_CONFIGS[2], torch.bfloat16: WGRAD_CONFIGS[0],
+                       torch.float16: WGRAD_CONFIGS[0]}
+
+
+def smem_lower_bound(kind: str, config, elem_bytes: int) -> int:
+    """Shared memory a config needs at least: its pipeline keeps ``num_stages - 1`` copies of the
+    operand tiles (W and W' both for the merged operand). Compiled sizes are this or a little more
+    (checked against triton 3.6 / 3.8 for sm_80 / sm_86 / sm_90)."""
+    kw = config.kwargs
+    if kind == "gemm":
+        tile = kw["BLOCK_M"] * kw["BLOCK_R"] + 2 * kw["BLOCK_R"] * kw["BLOCK_C"]
+    else:
+        tile = kw["BLOCK_N"] * kw["BLOCK_M"] + kw["BLOCK_M"] * kw["BLOCK_K"]
+    return (config.num_stages - 1) * tile * elem_bytes
+
+
+_device_limits_cache: dict = {}
+
+
+def _device_limits(device: torch.device) -> tuple[int, tuple[int, int]]:
+    """(shared memory per block, opt-in, in bytes; compute capability) of a CUDA device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    limits = _device_limits_cache.get(index)
+    if limits is None:
+        props = torch.cuda.get_device_properties(index)
+        smem = getattr(props, "shared_memory_per_block_optin", None) or 0
+        limits = _device_limits_cache[index] = (smem, (props.major, props.minor))
+    return limits
+
+
+def prune_for_device(kind: str, configs, tensor: Tensor):
+    """The configs worth timing on ``tensor``'s GPU: none that cannot fit its shared memory (by the
+    lower bound), and SWAP_AB only on Hopper and newer (it serves wgmma; on Ampere it doubles the
+    operand staging for nothing). Never empty: the least demanding config stays, so a GPU that fits
+    none gets triton's own error. CPU tensors (tests) keep every config."""
+    if not tensor.is_cuda:
+        return configs
+    smem, capability = _device_limits(tensor.device)
+    elem = tensor.element_size()
+    keep = [c for c in configs
+            if (smem == 0 or smem_lower_bound(kind, c, elem) <= smem)
+            and (capability >= (9, 0) or not c.kwargs.get("SWAP_AB", False))]
+    return keep or [min(configs, key=lambda c: smem_lower_bound(kind, c, elem))]
+
 
 def _tune_bench(fn, quantiles=None):
     """The autotuner's timer: triton's do_bench with 5 ms of warm-up and 20 ms of repeats per config
-    (its default, 25 + 100 ms, makes the 31 configs of a new shape cost ~4 s; 20 ms is still 60
+    (its default, 25 + 100 ms, makes the 35 configs of a new shape cost ~4.5 s; 20 ms is still 60
     repeats of the slowest ViT-B GEMM at 50,432 tokens)."""
     import triton.testing
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
@@ -313,8 +370,15 @@ def autotuned(kernel, configs, **extra):
     if kernel is _wgrad_kernel:
         # No reset_to_zero of the partials: the finalize kernel reads only the rows the chosen
         # config wrote (configs with a smaller BLOCK_K, benchmarked first, leave stale rows past them).
-        return triton.autotune(configs=configs, key=WGRAD_KEY, **extra)(kernel)
-    return triton.autotune(configs=configs, key=GEMM_KEY, **extra)(kernel)
+        prune = {"early_config_prune": lambda cfgs, nargs, **kw: prune_for_device("wgrad", cfgs, nargs["dy_ptr"])}
+        return triton.autotune(configs=configs, key=WGRAD_KEY, prune_configs_by=prune, **extra)(kernel)
+    prune = {"early_config_prune": lambda cfgs, nargs, **kw: prune_for_device("gemm", cfgs, nargs["a_ptr"])}
+    return triton.autotune(configs=configs, key=GEMM_KEY, prune_configs_by=prune, **extra)(kernel)
+
+
+# Autotuned launches hold this lock: triton's Autotuner keeps per-call state on itself (``nargs``,
+# ``best_config``), which two threads launching at once (one autograd thread per GPU) would share.
+_tune_lock = threading.Lock()
 
 
 _gemm_tuned = autotuned(_merged_gemm_kernel, GEMM_CONFIGS)
@@ -367,12 +431,15 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _meta(kind: str) -> Optional[dict]:
+def _meta(kind: str, dtype: torch.dtype) -> Optional[dict]:
     """Explicit meta-parameters, or None to autotune."""
     if kind in _override:
         return dict(_override[kind])
     if _interpreting():
         return dict(_INTERPRET_GEMM if kind == "gemm" else _INTERPRET_WGRAD)
+    if torch.are_deterministic_algorithms_enabled():
+        config = (DETERMINISTIC_GEMM if kind == "gemm" else DETERMINISTIC_WGRAD)[dtype]
+        return dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     return None
 
 
@@ -395,11 +462,12 @@ def _merged_gemm(a: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor,
             bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), triton.next_power_of_2(m))
     flags = dict(LAM_ON_R=lam_on_r, HAS_BIAS=bias is not None,
                  PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype))
-    meta = _meta("gemm")
+    meta = _meta("gemm", a.dtype)
     with _on_device(a):
         if meta is None:
             grid = lambda META: (triton.cdiv(m, META["BLOCK_M"]) * triton.cdiv(nc, META["BLOCK_C"]),)  # noqa: E731
-            _gemm_tuned[grid](*args, **flags)
+            with _tune_lock:
+                _gemm_tuned[grid](*args, **flags)
         else:
             grid = (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(nc, meta["BLOCK_C"]),)
             _merged_gemm_kernel[grid](*args, **flags, **meta)
@@ -459,7 +527,7 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
         return dw, daux, dscale, db
 
     split = _split_m(m, n, k, need_weight or need_aux, dy2.device)
-    meta = _meta("wgrad")
+    meta = _meta("wgrad", dy2.dtype)
     k_tiles = triton.cdiv(k, meta["BLOCK_K"] if meta is not None else min(
         c.kwargs["BLOCK_K"] for c in _wgrad_tuned.configs))
     # dλ partials [split, k-tiles, N], sized for the smallest BLOCK_K the autotuner may pick.
@@ -479,9 +547,13 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
     db = dy2.new_empty((n,)) if need_bias else None
     with _on_device(dy2):
         if meta is None:
-            grid = lambda META: (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)  # noqa: E731
-            _wgrad_tuned[grid](*args, **flags)
-            ran = _wgrad_tuned.best_config.kwargs
+            ran = {}
+
+            def grid(META):  # evaluated last for the launch that runs: records its config, for this call only
+                ran.update(META)
+                return (triton.cdiv(n, META["BLOCK_N"]) * triton.cdiv(k, META["BLOCK_K"]), split)
+            with _tune_lock:
+                _wgrad_tuned[grid](*args, **flags)
         else:
             grid = (triton.cdiv(n, meta["BLOCK_N"]) * triton.cdiv(k, meta["BLOCK_K"]), split)
             _wgrad_kernel[grid](*args, **flags, **meta)
