@@ -336,3 +336,36 @@ def test_run_script_honours_out_forms_and_plans_without_a_gpu(tmp_path):
     bad = subprocess.run(script + ["--tiny", "--device"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "--device: expected one argument" in bad.stderr
     assert bench.default_out(torch.device("cpu"), str(tmp_path)).startswith(str(tmp_path / ""))
+
+
+def _cpu_overhead_module():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("m2pt_cpu_overhead", os.path.join(ROOT, "benchmarks", "cpu_overhead.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_overhead_benchmark_writes_paired_ratios(tmp_path):
+    """benchmarks/cpu_overhead.py (the split of the reference's CPU time against the paper's layer)
+    runs, checks that its variants compute the same function, and writes every ratio."""
+    mod = _cpu_overhead_module()
+    out = tmp_path / "overhead.json"
+    assert mod.main(["--shapes", "8x8", "--rounds", "2", "--reps", "2", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert res["kind"] == "cpu_overhead" and res["torch"] == torch.__version__ and res["date"]
+    shape = res["shapes"]["8x8"]
+    assert set(shape["us"]) == set(mod.VARIANTS) and all(v > 0 for v in shape["us"].values())
+    assert set(shape["x_paper"]) == set(mod.VARIANTS) - {"paper"}
+    assert all(r["rounds"] == 2 for r in shape["x_paper"].values())
+    assert shape["max_abs_diff_between_variants"] < 1e-5
+
+
+def test_cpu_overhead_refuses_variants_that_differ(monkeypatch):
+    """Timings of variants that compute different gradients would compare nothing: an error."""
+    mod = _cpu_overhead_module()
+    backward = mod._BareFunction.backward
+    monkeypatch.setattr(mod._BareFunction, "backward",
+                        staticmethod(lambda ctx, dy: tuple(g * 2 if g is not None else g for g in backward(ctx, dy))))
+    with pytest.raises(RuntimeError, match="the variants disagree"):
+        mod.main(["--shapes", "8x8", "--rounds", "1", "--reps", "1"])
