@@ -388,6 +388,23 @@ def test_configs_are_pruned_for_the_device(monkeypatch, capability, smem, elem):
         == triton_backend.GEMM_CONFIGS  # CPU tensors (tests): all
 
 
+def test_autotune_key_tells_gpu_models_apart(monkeypatch):
+    """Triton's autotune cache ignores the device: the key's M_BUCKET carries the compute capability,
+    so a config tuned on an H100 is not reused on an sm_86 card (where it may not fit)."""
+    caps = {"cuda:0": (9, 0), "cuda:1": (8, 6)}
+    monkeypatch.setattr(triton_backend, "_device_limits", lambda device: (0, caps[device]))
+
+    class Fake(_FakeCudaTensor):
+        def __init__(self, device):
+            super().__init__(2)
+            self.device = device
+
+    h100, rtx = (triton_backend._tune_bucket(197, Fake(d)) for d in ("cuda:0", "cuda:1"))
+    assert h100 != rtx and h100 == 256 * 1000 + 90 and rtx == 256 * 1000 + 86
+    assert triton_backend._tune_bucket(197, torch.empty(1)) == triton_backend._tune_bucket(256, torch.empty(1))
+    assert triton_backend._tune_bucket(257, torch.empty(1)) == 512 * 1000  # CPU (interpreter): no capability
+
+
 def test_deterministic_mode_uses_fixed_configs(monkeypatch):
     """Under torch.use_deterministic_algorithms(True) the GPU path launches one fixed config per
     kernel and dtype (the autotuner's pick could differ between processes and with it dλ's

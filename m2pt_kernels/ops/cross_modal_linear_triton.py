@@ -94,7 +94,7 @@ def _merged_gemm_kernel(
     stride_lam,            # 0 when λ has shape [1]
     stride_bias,
     stride_cm, stride_cc,
-    M_BUCKET,              # autotune key only
+    M_BUCKET,              # autotune key only (``_tune_bucket``)
     LAM_ON_R: tl.constexpr, HAS_BIAS: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -162,7 +162,7 @@ def _wgrad_kernel(
     M, N, K,
     stride_dym, stride_dyn, stride_xm, stride_xk, stride_un, stride_uk, stride_lam,
     stride_part_split,     # dλ partials [SPLIT_M, k-tiles, N]: split stride; k-tile stride is N
-    SPLIT_M, M_BUCKET,     # M_BUCKET: autotune key only
+    SPLIT_M, M_BUCKET,     # M_BUCKET: autotune key only (``_tune_bucket``)
     NEED_W: tl.constexpr, NEED_AUX: tl.constexpr, NEED_SCALE: tl.constexpr, NEED_BIAS: tl.constexpr,
     SCALAR_LAM: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr, GROUP_N: tl.constexpr,
@@ -431,6 +431,17 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+def _tune_bucket(m: int, tensor: Tensor) -> int:
+    """The autotune key's M_BUCKET: M rounded up to a power of 2 (one tuning per bucket), times 1000,
+    plus the GPU's compute capability (86 for sm_86): triton's autotune cache does not look at the
+    device, and a config tuned on one GPU model may not fit another's shared memory."""
+    capability = 0
+    if tensor.is_cuda:
+        major, minor = _device_limits(tensor.device)[1]
+        capability = 10 * major + minor
+    return triton.next_power_of_2(m) * 1000 + capability
+
+
 def _meta(kind: str, dtype: torch.dtype) -> Optional[dict]:
     """Explicit meta-parameters, or None to autotune."""
     if kind in _override:
@@ -459,7 +470,7 @@ def _merged_gemm(a: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor,
         return out
     args = (a, weight, aux_weight, scale, bias if bias is not None else out, out,
             m, nc, r, a.stride(0), a.stride(1), *sw, *su, 0 if scale.numel() == 1 else scale.stride(0),
-            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), triton.next_power_of_2(m))
+            bias.stride(0) if bias is not None else 0, out.stride(0), out.stride(1), _tune_bucket(m, a))
     flags = dict(LAM_ON_R=lam_on_r, HAS_BIAS=bias is not None,
                  PRECISION=_precision(a.dtype), UPCAST=_upcast(a.dtype))
     meta = _meta("gemm", a.dtype)
@@ -539,7 +550,7 @@ def wgrad(dy2: Tensor, x2: Tensor, aux_weight: Tensor, scale: Tensor,
             dlam_part, db_part if db_part is not None else dummy,
             m, n, k, dy2.stride(0), dy2.stride(1), x2.stride(0), x2.stride(1),
             aux_weight.stride(0), aux_weight.stride(1), 0 if scale.numel() == 1 else scale.stride(0),
-            k_tiles * n, split, triton.next_power_of_2(m))
+            k_tiles * n, split, _tune_bucket(m, dy2))
     scalar = need_scale and scale.numel() == 1
     flags = dict(NEED_W=need_weight, NEED_AUX=need_aux, NEED_SCALE=need_scale, NEED_BIAS=need_bias,
                  SCALAR_LAM=scalar, PRECISION=_precision(dy2.dtype), UPCAST=_upcast(dy2.dtype))
