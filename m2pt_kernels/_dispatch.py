@@ -59,22 +59,39 @@ def triton_interpret() -> bool:
 # The fused kernels are built and tuned for Ampere and newer (bf16 / TF32 tensor cores, cp.async);
 # on an older GPU ``auto`` computes with the reference, and asking for a fused backend is an error.
 MIN_CAPABILITY = (8, 0)
+_old_gpus: dict[int, str] | None = None  # device index -> "cuda:i (name, sm_XY)", for the GPUs below it
 
 
-def _pre_ampere_devices() -> list[str]:
-    """The visible CUDA devices below ``MIN_CAPABILITY``, named for an error message."""
-    old = []
-    for i in range(torch.cuda.device_count()):
-        major, minor = torch.cuda.get_device_capability(i)
-        if (major, minor) < MIN_CAPABILITY:
-            old.append(f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{major}{minor})")
-    return old
+def _pre_ampere_devices() -> dict[int, str]:
+    """The visible CUDA devices below ``MIN_CAPABILITY`` (asked once per process)."""
+    global _old_gpus
+    if _old_gpus is None:
+        old = {}
+        try:
+            for i in range(torch.cuda.device_count()):
+                major, minor = torch.cuda.get_device_capability(i)
+                if (major, minor) < MIN_CAPABILITY:
+                    old[i] = f"cuda:{i} ({torch.cuda.get_device_name(i)}, sm_{major}{minor})"
+        except Exception:  # noqa: BLE001 -- a device that can't be asked is left to the backends' own errors
+            pass
+        _old_gpus = old
+    return _old_gpus
+
+
+def _old_gpu_name(index: int) -> str:
+    """``cuda:i (name, sm_XY)`` when GPU ``index`` is older than ``MIN_CAPABILITY``, else ""."""
+    return _pre_ampere_devices().get(index, "")
+
+
+def _needs_newer_gpu(what: str) -> str:
+    return (f"its kernels need a GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer "
+            f"(Ampere, Ada, Hopper); {what}")
 
 
 def backend_status() -> dict[str, tuple[bool, str]]:
     """For every concrete backend: (usable in this process, why or why not)."""
     status: dict[str, tuple[bool, str]] = {"reference": (True, "plain PyTorch, always available")}
-    old_gpus = _pre_ampere_devices() if torch.cuda.is_available() else []
+    old_gpus = _pre_ampere_devices() if torch.cuda.is_available() else {}
     if importlib.util.find_spec("triton") is None:
         status["triton"] = (False, "triton is not installed (pip install triton)")
     elif torch.cuda.is_available():
@@ -89,11 +106,14 @@ def backend_status() -> dict[str, tuple[bool, str]]:
     except Exception as exc:  # a broken extension must never break the package
         status["cuda"] = (False, f"the cuda backend failed to load: {exc}")
     if old_gpus:
+        every = len(old_gpus) == torch.cuda.device_count()
         for fused in ("triton", "cuda"):
-            if status[fused][0]:
-                status[fused] = (False, f"its kernels need a GPU of compute capability "
-                                        f"{MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]} or newer (Ampere, Ada, Hopper); "
-                                        f"this machine has {', '.join(old_gpus)}")
+            ok, why = status[fused]
+            if ok and every:
+                status[fused] = (False, _needs_newer_gpu(f"this machine has {', '.join(old_gpus.values())}"))
+            elif ok:  # some GPUs are new enough: usable there (resolve() refuses the others)
+                status[fused] = (True, f"{why}; not on {', '.join(old_gpus.values())} (older than sm_80: "
+                                       "auto uses the reference there)")
     return status
 
 
@@ -169,14 +189,16 @@ def _usable(name: str) -> bool:
 # What torch.compiler.assume_constant_result does, without importing torch._dynamo (and with it
 # triton) when m2pt_kernels is imported.
 _usable._dynamo_marked_constant = True  # type: ignore[attr-defined]
+_old_gpu_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def resolve(x: torch.Tensor, requested: str | None = None) -> str:
     """The concrete backend that will compute the op for input ``x``; errors say why one can't."""
     name = requested_backend() if requested is None else _check_name(requested, "argument")
     on_cuda = x.is_cuda
+    old_gpu = _old_gpu_name(x.device.index) if on_cuda else ""
     if name == "auto":
-        if on_cuda:
+        if on_cuda and not old_gpu:
             for fused in ("triton", "cuda"):
                 if x.dtype in FUSED_DTYPES[fused] and _usable(fused):
                     return fused
@@ -185,6 +207,9 @@ def resolve(x: torch.Tensor, requested: str | None = None) -> str:
         return name
     if not _usable(name):
         raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {backend_status()[name][1]}")
+    if old_gpu:
+        raise RuntimeError(f"m2pt_kernels backend {name!r} can't run on {old_gpu}: "
+                           + _needs_newer_gpu("use the 'reference' backend there ('auto' picks it by itself)"))
     if name == "triton" and not (on_cuda or (x.device.type == "cpu" and triton_interpret())):
         raise RuntimeError(
             f"m2pt_kernels backend 'triton' needs CUDA tensors, got tensors on {x.device} "

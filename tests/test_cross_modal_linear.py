@@ -314,12 +314,14 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
 
 
 def test_fused_backends_are_unavailable_on_a_pre_ampere_gpu(monkeypatch):
-    """A T4 (sm_75) next to an H100: the kernels need sm_80+, so both fused backends say so (auto
-    then picks the reference) instead of failing at the first launch."""
+    """The kernels need sm_80+. A machine with only a T4 (sm_75): both fused backends say so (auto
+    picks the reference) instead of failing at the first launch. An H100 next to a T4: usable, but
+    not on the T4 (auto: the reference there; asking for a fused backend there is an error)."""
     import types
 
     from m2pt_kernels.ops import cross_modal_linear_cuda as cuda_backend
-    gpus = [("NVIDIA H100", (9, 0)), ("Tesla T4", (7, 5))]
+    gpus = [("Tesla T4", (7, 5))]
+    monkeypatch.setattr(_dispatch, "_old_gpus", None)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: len(gpus))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][0])
@@ -331,10 +333,30 @@ def test_fused_backends_are_unavailable_on_a_pre_ampere_gpu(monkeypatch):
     status = _dispatch.backend_status()
     for fused in ("triton", "cuda"):
         ok, why = status[fused]
-        assert not ok and "compute capability 8.0 or newer" in why and "cuda:1 (Tesla T4, sm_75)" in why, why
-        assert "H100" not in why
-    gpus.pop()  # the H100 alone: both usable
-    assert _dispatch.backend_status()["triton"][0] and _dispatch.backend_status()["cuda"][0]
+        assert not ok and "compute capability 8.0 or newer" in why and "cuda:0 (Tesla T4, sm_75)" in why, why
+
+    gpus.insert(0, ("NVIDIA H100", (9, 0)))  # cuda:0 H100, cuda:1 T4
+    monkeypatch.setattr(_dispatch, "_old_gpus", None)
+    status = _dispatch.backend_status()
+    for fused in ("triton", "cuda"):
+        ok, why = status[fused]
+        assert ok and "not on cuda:1 (Tesla T4, sm_75)" in why and "H100" not in why, why
+    monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    monkeypatch.setattr(_dispatch, "_usable_cache", {})
+
+    class OnGpu:  # resolve() reads only these of x
+        is_cuda = True
+        dtype = torch.bfloat16
+
+        def __init__(self, index):
+            self.device = torch.device("cuda", index)
+
+    assert _dispatch.resolve(OnGpu(0), "auto") == "triton"
+    assert _dispatch.resolve(OnGpu(1), "auto") == "reference"
+    assert _dispatch.resolve(OnGpu(0), "cuda") == "cuda"
+    for fused in ("triton", "cuda"):
+        with pytest.raises(RuntimeError, match=rf"'{fused}' can't run on cuda:1 \(Tesla T4, sm_75\)"):
+            _dispatch.resolve(OnGpu(1), fused)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
