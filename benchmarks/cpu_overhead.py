@@ -125,7 +125,16 @@ def check_same_function(calls: dict, params: list, dy: torch.Tensor) -> float:
 
 
 def run(args) -> dict:
+    """The measurements; torch's thread count is set for the run and restored after."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(args) -> dict:
     res = {
         "kind": "cpu_overhead", "device": bench.device_name(torch.device("cpu")), "torch": torch.__version__,
         "python": platform.python_version(), "commit": bench.git_commit(),

@@ -3,8 +3,8 @@
 torch has two ways to set it: the legacy ``torch.set_float32_matmul_precision`` /
 ``torch.backends.cuda.matmul.allow_tf32``, and (torch ≥ 2.9) ``torch.backends.fp32_precision`` /
 ``torch.backends.cuda.matmul.fp32_precision``. Once the new one is used,
-``torch.get_float32_matmul_precision()`` raises ("mix of the legacy and new APIs"), and
-``allow_tf32`` no longer reflects it. ``torch.backends.cuda.matmul.fp32_precision`` reflects
+``torch.get_float32_matmul_precision()`` raises ("mix of the legacy and new APIs"), and so does
+reading ``torch.backends.cuda.matmul.allow_tf32``. ``torch.backends.cuda.matmul.fp32_precision`` reflects
 every way of setting it ("tf32" after ``set_float32_matmul_precision("high")``, ``allow_tf32 = True``
 or a global "tf32"; "ieee" or "none" otherwise), so it is the one read here.
 """
@@ -22,9 +22,14 @@ def fp32_matmul_allows_tf32() -> bool:
 
 
 def fp32_matmul_precision_name() -> str:
-    """The setting in words, for results files: the legacy name where torch can still give it
-    ("highest" / "high" / "medium"), else ``fp32_precision=<tf32|ieee|none>``."""
+    """The setting in words, for results files: the legacy name ("highest" / "high" / "medium")
+    where torch gives one that agrees with what the kernels use, else ``fp32_precision=<tf32|ieee>``
+    (the legacy getter raises after some settings of the new API and, after others, still returns
+    its own stale value: "high" followed by ``fp32_precision = "ieee"`` reads "high")."""
     try:
-        return torch.get_float32_matmul_precision()
+        legacy = torch.get_float32_matmul_precision()
     except RuntimeError:
-        return f"fp32_precision={torch.backends.cuda.matmul.fp32_precision}"
+        legacy = None
+    if legacy is not None and (legacy != "highest") == fp32_matmul_allows_tf32():
+        return legacy
+    return f"fp32_precision={'tf32' if fp32_matmul_allows_tf32() else 'ieee'}"

@@ -170,12 +170,30 @@ def _prepare_out(path: str) -> Path:
     return out
 
 
+# torch >= 2.9 sets fp32 precision through ``fp32_precision``; once that is used, reading the legacy
+# ``allow_tf32`` flags raises, so the demo reads and writes the new attributes where they exist.
+_FP32_NEW_API = all(hasattr(b, "fp32_precision") for b in (torch.backends.cuda.matmul, torch.backends.cudnn))
+
+
+def _fp32_flags() -> tuple:
+    """(cuda matmul, cudnn) fp32 settings, in whichever API this torch has."""
+    if _FP32_NEW_API:
+        return torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision
+    return torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+
+
+def _set_fp32_flags(matmul, cudnn) -> None:
+    if _FP32_NEW_API:
+        torch.backends.cuda.matmul.fp32_precision, torch.backends.cudnn.fp32_precision = matmul, cudnn
+    else:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+
+
 def _set_determinism(threads: int, device: torch.device) -> None:
     if device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.backends.cudnn.benchmark = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
+        _set_fp32_flags(*(("ieee", "ieee") if _FP32_NEW_API else (False, False)))  # IEEE fp32: no TF32
     torch.set_num_threads(threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
@@ -387,17 +405,15 @@ def run(args: argparse.Namespace) -> dict:
     """The whole demo; torch's global settings (threads, deterministic mode, TF32 flags) are set for
     the run and restored afterwards, so calling it in-process leaves the caller's torch as it was."""
     saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
-             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark,
-             torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.benchmark, _fp32_flags())
     try:
         return _run(args)
     finally:
-        threads, det, warn_only, bench, tf32_mm, tf32_cudnn = saved
+        threads, det, warn_only, bench, fp32_flags = saved
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(det, warn_only=warn_only)
         torch.backends.cudnn.benchmark = bench
-        torch.backends.cuda.matmul.allow_tf32 = tf32_mm
-        torch.backends.cudnn.allow_tf32 = tf32_cudnn
+        _set_fp32_flags(*fp32_flags)
 
 
 def _run(args: argparse.Namespace) -> dict:

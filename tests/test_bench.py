@@ -351,7 +351,9 @@ def test_cpu_overhead_benchmark_writes_paired_ratios(tmp_path):
     runs, checks that its variants compute the same function, and writes every ratio."""
     mod = _cpu_overhead_module()
     out = tmp_path / "overhead.json"
-    assert mod.main(["--shapes", "8x8", "--rounds", "2", "--reps", "2", "--out", str(out)]) == 0
+    threads = torch.get_num_threads()
+    assert mod.main(["--shapes", "8x8", "--rounds", "2", "--reps", "2", "--threads", "1", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # restored
     res = json.loads(out.read_text())
     assert res["kind"] == "cpu_overhead" and res["torch"] == torch.__version__ and res["date"]
     shape = res["shapes"]["8x8"]

@@ -81,7 +81,7 @@ def test_pure_python_fallback_and_force(setup_module_, missing, expected):
     ("8.0+PTX;9.0a", ["8.0+PTX", "9.0a"]),
     ("5.2 6.0 6.1 7.0 7.2 7.5 8.0 8.6 8.7 9.0+PTX", ["8.0", "8.6", "8.7", "9.0+PTX"]),  # an NGC-style list
     ("Turing;Ampere;Hopper", ["Ampere", "Hopper"]),
-    ("8.9 9.0a 10.0f 12.0", ["8.9", "9.0a", "10.0f", "12.0"]),
+    ("8.9 9.0a 10.0 12.0", ["8.9", "9.0a", "10.0", "12.0"]),
     ("7.0;7.5+PTX", []),
 ])
 def test_arch_list_keeps_sm80_and_newer(setup_module_, arch_list, kept):

@@ -9,12 +9,15 @@ products. It checks the code's logic, not the hardware: tensor-core fragment lay
 subtleties and performance need the GPU tests (tests/test_cross_modal_linear_cuda.py).
 The emulator is compiled with g++ (about 10-30 s; no nvcc); skipped without g++ or CUDA headers.
 """
+import contextlib
 import ctypes
 import importlib.util
 import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 
 import pytest
 import torch
@@ -60,39 +63,37 @@ def emu(tmp_path_factory):
            "-include", os.path.join(CSRC, "emulator", "emulator.h"),
            str(out / "kernels_emu.cpp"), os.path.join(CSRC, "emulator", "emulator_api.cpp"), "-o", str(lib)]
     # UBSan's alignment check: a 16-byte vector load from an address that is not 16-byte aligned
-    # faults on a GPU but may work on x86 (or crash the process, depending on the instruction the
-    # compiler picked), so without it the emulator can miss a missing alignment check. Reports go
-    # to files (UBSAN_OPTIONS is read at the first report, so it stays set while this module's tests
-    # run), which check_no_misaligned_access reads after each launch. Without libubsan: no check.
+    # faults on a GPU but works on x86, so without it the emulator can't see a missing alignment
+    # check. Its runtime reads UBSAN_OPTIONS from the environment the process started with, so the
+    # reports go to stderr: ``launches`` sends fd 2 to a file around every emulated launch and fails
+    # on a report. Without libubsan: built without the check (``emu.ubsan`` False).
     ubsan = subprocess.run(cmd[:1] + ["-fsanitize=alignment"] + cmd[1:], capture_output=True, text=True, timeout=600)
-    saved = os.environ.get("UBSAN_OPTIONS")
-    if ubsan.returncode == 0:
-        log = out / "ubsan"
-        os.environ["UBSAN_OPTIONS"] = f"log_path={log}:print_stacktrace=0:halt_on_error=0"
-    else:
-        log = None
+    if ubsan.returncode != 0:
         res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert res.returncode == 0, res.stderr[-4000:]
     emu_lib = ctypes.CDLL(str(lib))
-    emu_lib.ubsan_log = None if log is None else str(log)
-    yield emu_lib
-    if log is not None:
-        if saved is None:
-            os.environ.pop("UBSAN_OPTIONS", None)
-        else:
-            os.environ["UBSAN_OPTIONS"] = saved
+    emu_lib.ubsan = ubsan.returncode == 0
+    return emu_lib
 
 
-def check_no_misaligned_access(emu):
-    """Fail with UBSan's report if any emulated load or store since the last call was misaligned."""
-    if emu.ubsan_log is None:
+@contextlib.contextmanager
+def launches(emu):
+    """Emulated launches: fail with UBSan's report if a load or store in them was misaligned."""
+    if not emu.ubsan:
+        yield
         return
-    d, prefix = os.path.split(emu.ubsan_log)
-    reports = [os.path.join(d, f) for f in os.listdir(d) if f.startswith(prefix + ".")]
-    text = "".join(open(r, encoding="utf-8", errors="replace").read() for r in reports)
-    for r in reports:
-        os.remove(r)
-    assert not text, "misaligned access in the emulated kernels:\n" + text[:3000]
+    with tempfile.TemporaryFile() as err:
+        sys.stderr.flush()
+        saved = os.dup(2)
+        os.dup2(err.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        err.seek(0)
+        text = err.read().decode("utf-8", "replace")
+    assert "runtime error" not in text, "misaligned access in the emulated kernels:\n" + text[:3000]
 
 
 def _p(t):
@@ -111,20 +112,21 @@ def run_emulated(emu, x, w, a, s, b, dy, *, tf32=False, need=(True, True, True, 
     per_channel = int(s.numel() > 1)
     s32 = s.float().contiguous()
     y = torch.empty(m, n, dtype=x.dtype)
-    emu.emu_forward(_i(m), _i(n), _i(k), _p(x), _i(x.stride(0)), _i(x.stride(1)), _p(w), _p(a), _p(s32),
-                    per_channel, _p(b), _p(y), dt, math)
     dx = torch.empty(m, k, dtype=x.dtype)
-    emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
-                  per_channel, _p(dx), dt, math)
     need_w, need_a, need_s, need_b = need
     dw = torch.full((n, k), float("nan"), dtype=x.dtype) if need_w else None
     da = torch.full((n, k), float("nan"), dtype=x.dtype) if need_a else None
     ds = torch.full((s.numel(),), float("nan")) if need_s else None
     part = torch.full(((k + 63) // 64, n), float("nan")) if need_s else None
     db = torch.full((n,), float("nan"), dtype=x.dtype) if need_b else None
-    emu.emu_wgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(x), _i(x.stride(0)),
-                  _i(x.stride(1)), _p(a), _p(s32), per_channel, _p(dw), _p(da), _p(ds), _p(part), _p(db), dt, math)
-    check_no_misaligned_access(emu)
+    with launches(emu):
+        emu.emu_forward(_i(m), _i(n), _i(k), _p(x), _i(x.stride(0)), _i(x.stride(1)), _p(w), _p(a), _p(s32),
+                        per_channel, _p(b), _p(y), dt, math)
+        emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
+                      per_channel, _p(dx), dt, math)
+        emu.emu_wgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(x), _i(x.stride(0)),
+                      _i(x.stride(1)), _p(a), _p(s32), per_channel, _p(dw), _p(da), _p(ds), _p(part), _p(db), dt,
+                      math)
     return y, dx, dw, da, ds, db
 
 
@@ -221,7 +223,7 @@ def test_emulated_rows_padded_off_the_vector_width(emu, dtype, m):
     """x and dy as column slices of wider buffers: every row starts at an aligned base, K and N are
     multiples of 8, but the row stride (K + 1, N + 1) is not, so only the first row is 16-byte
     aligned. The kernels must take scalar loads there (a vector load would fault on a GPU; here the
-    UBSan build reports it, or the misaligned load crashes the process) and give the contiguous inputs' results, bit for bit where the
+    UBSan build reports it) and give the contiguous inputs' results, bit for bit where the
     scalar and vector paths sum in the same order (all but the fp32 GEMV's)."""
     k, n = 48, 40
     x, w, a, s, b, dy = make(m, k, n, dtype, per_channel=True, bias=True)
@@ -272,9 +274,9 @@ def run_dgrad(emu, dy, w, a, s, *, tf32=False):
     k = w.shape[1]
     dx = torch.full((m, k), float("nan"), dtype=dy.dtype)
     s32 = s.float().contiguous()  # held: the kernel reads it through a raw pointer
-    emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
-                  int(s.numel() > 1), _p(dx), DTYPES[dy.dtype], int(tf32))
-    check_no_misaligned_access(emu)
+    with launches(emu):
+        emu.emu_dgrad(_i(m), _i(n), _i(k), _p(dy), _i(dy.stride(0)), _i(dy.stride(1)), _p(w), _p(a), _p(s32),
+                      int(s.numel() > 1), _p(dx), DTYPES[dy.dtype], int(tf32))
     return dx
 
 
