@@ -4,9 +4,9 @@ torch has two ways to set it: the legacy ``torch.set_float32_matmul_precision`` 
 ``torch.backends.cuda.matmul.allow_tf32``, and (torch ≥ 2.9) ``torch.backends.fp32_precision`` /
 ``torch.backends.cuda.matmul.fp32_precision``. Once the new one is used,
 ``torch.get_float32_matmul_precision()`` raises ("mix of the legacy and new APIs"), and so does
-reading ``torch.backends.cuda.matmul.allow_tf32``. ``torch.backends.cuda.matmul.fp32_precision`` reflects
-every way of setting it ("tf32" after ``set_float32_matmul_precision("high")``, ``allow_tf32 = True``
-or a global "tf32"; "ieee" or "none" otherwise), so it is the one read here.
+reading ``torch.backends.cuda.matmul.allow_tf32``. ``torch.backends.cuda.matmul.fp32_precision``
+reflects every way of setting it ("tf32" after ``set_float32_matmul_precision("high")``,
+``allow_tf32 = True`` or a global "tf32"; "ieee" or "none" otherwise), so it is the one read here.
 """
 from __future__ import annotations
 
@@ -26,10 +26,11 @@ def fp32_matmul_precision_name() -> str:
     where torch gives one that agrees with what the kernels use, else ``fp32_precision=<tf32|ieee>``
     (the legacy getter raises after some settings of the new API and, after others, still returns
     its own stale value: "high" followed by ``fp32_precision = "ieee"`` reads "high")."""
+    tf32 = fp32_matmul_allows_tf32()
     try:
         legacy = torch.get_float32_matmul_precision()
     except RuntimeError:
         legacy = None
-    if legacy is not None and (legacy != "highest") == fp32_matmul_allows_tf32():
+    if legacy is not None and (legacy != "highest") == tf32:
         return legacy
-    return f"fp32_precision={'tf32' if fp32_matmul_allows_tf32() else 'ieee'}"
+    return f"fp32_precision={'tf32' if tf32 else 'ieee'}"

@@ -3,7 +3,8 @@
 ``PaperCrossModalReparamLinear`` follows the official M2PT code (``CrossModalReparamLinear``): it
 materializes ``W + λ·W'`` on every forward, calls ``F.linear`` and lets autograd keep the merged
 matrix alive until backward. State-dict keys: ``weight``, ``bias``, ``aux_weight`` (always a
-Parameter, frozen with ``requires_grad=False`` when not trainable), ``cross_modal_scale`` (shape [1]). It is not used by the package's own layers.
+Parameter, frozen with ``requires_grad=False`` when not trainable), ``cross_modal_scale`` (shape
+[1]). It is not used by the package's own layers.
 """
 from __future__ import annotations
 

@@ -73,7 +73,8 @@ class DemoOptionError(ValueError):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quick", action="store_true", help="a short run (under 1 minute on 2 CPU cores): 1 seed, fewer steps")
+    p.add_argument("--quick", action="store_true",
+                   help="a short run (under 1 minute on 2 CPU cores): 1 seed, fewer steps")
     p.add_argument("--out", default="m2pt_report", help="report folder (default: m2pt_report/)")
     p.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--seeds", type=int, default=None, help="number of target seeds (quick: 1, full: 3)")

@@ -309,28 +309,17 @@ def test_demo_restores_torch_global_settings(tmp_path, capsys):
     assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == before
 
 
-def test_demo_saves_and_restores_fp32_flags_under_the_new_api():
+def test_demo_saves_and_restores_fp32_flags_under_the_new_api(restore_fp32_precision):
     """The demo saves torch's TF32 settings and puts them back. After torch's newer
     fp32_precision API is used, reading the legacy allow_tf32 raises: the demo reads the new one."""
     from m2pt_kernels import demo
     if not demo._FP32_NEW_API:
         pytest.skip("this torch has no fp32_precision API")
-    matmul = torch.backends.cuda.matmul
-    saved = (torch.backends.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.fp32_precision,
-             torch.backends.mkldnn.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision)
-    legacy = torch.get_float32_matmul_precision()
-    try:
-        matmul.fp32_precision = "tf32"
-        with pytest.raises(RuntimeError):
-            torch.backends.cuda.matmul.allow_tf32  # noqa: B018 -- what the demo used to read
-        flags = demo._fp32_flags()
-        demo._set_fp32_flags("ieee", "ieee")
-        assert demo._fp32_flags() == ("ieee", "ieee")
-        demo._set_fp32_flags(*flags)
-        assert demo._fp32_flags() == flags == ("tf32", torch.backends.cudnn.fp32_precision)
-    finally:
-        for b in (torch.backends, matmul, torch.backends.cudnn, torch.backends.mkldnn, torch.backends.mkldnn.matmul):
-            b.fp32_precision = "none"
-        torch.backends.fp32_precision, matmul.fp32_precision, torch.backends.cudnn.fp32_precision, \
-            torch.backends.mkldnn.fp32_precision, torch.backends.mkldnn.matmul.fp32_precision = saved
-        torch.set_float32_matmul_precision(legacy)
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    with pytest.raises(RuntimeError):
+        torch.backends.cuda.matmul.allow_tf32  # noqa: B018 -- what the demo used to read
+    flags = demo._fp32_flags()
+    demo._set_fp32_flags("ieee", "ieee")
+    assert demo._fp32_flags() == ("ieee", "ieee")
+    demo._set_fp32_flags(*flags)
+    assert demo._fp32_flags() == flags == ("tf32", torch.backends.cudnn.fp32_precision)

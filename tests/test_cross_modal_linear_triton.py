@@ -175,36 +175,6 @@ PRECISION_SETTINGS = [
 ]
 
 
-@pytest.fixture
-def restore_fp32_precision():
-    """Starts from a fresh process's fp32 precision state and puts torch's back as it was after (a test
-    that sets the new API would otherwise make the legacy getter raise in every later test). Yields
-    whether this torch has the new API."""
-    backends = [torch.backends, torch.backends.cuda.matmul, torch.backends.mkldnn, torch.backends.mkldnn.matmul]
-    new_api = all(hasattr(b, "fp32_precision") for b in backends)
-    saved = [b.fp32_precision for b in backends] if new_api else None
-    try:
-        legacy = torch.get_float32_matmul_precision()
-    except RuntimeError:  # the session already uses the new API: restore its values as they were
-        legacy = None
-    if new_api:  # each setting starts from a fresh process's state
-        for b in backends:
-            b.fp32_precision = "none"
-    yield new_api
-    if new_api:
-        for b in backends:
-            b.fp32_precision = "none"
-        for b, value in zip(backends, saved):  # global first, then the backends set explicitly
-            b.fp32_precision = value
-    if legacy is not None:
-        try:
-            again = torch.get_float32_matmul_precision()
-        except RuntimeError:
-            again = None
-        if again != legacy:
-            torch.set_float32_matmul_precision(legacy)
-
-
 @pytest.mark.parametrize("setting,tf32", PRECISION_SETTINGS)
 def test_fp32_precision_follows_torch_setting(setting, tf32, restore_fp32_precision):
     """Both kernels' fp32 dots follow the setting, whichever of torch's two APIs set it."""

@@ -216,9 +216,10 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     """Indices ``[B, Q, k]`` of the ``k`` nearest ``points`` ``[B, P, 3]`` to each query ``[B, Q, 3]``,
     nearest first (exact squared distances, no matmul trick; in fp32 for bf16 / fp16 inputs, whose own
     rounding would reorder neighbours, and in the inputs' dtype for fp32 / fp64)."""
-    if queries.dim() != 3 or points.dim() != 3 or queries.shape[0] != points.shape[0] or queries.shape[-1] != points.shape[-1] \
-            or queries.shape[-1] == 0:
-        raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be [B, Q, D] and [B, P, D], D ≥ 1")
+    if queries.dim() != 3 or points.dim() != 3 or queries.shape[0] != points.shape[0] \
+            or queries.shape[-1] != points.shape[-1] or queries.shape[-1] == 0:
+        raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be "
+                         "[B, Q, D] and [B, P, D], D ≥ 1")
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must be in [1, P={points.shape[1]}]")
     dt = torch.promote_types(_float_dtype(queries), _float_dtype(points))
