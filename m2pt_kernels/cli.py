@@ -110,7 +110,7 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
-    from m2pt_kernels.pathways import (CHECKPOINT_SUFFIXES, is_pathway_state_dict, load_checkpoint,
+    from m2pt_kernels.pathways import (checkpoint_format, is_pathway_state_dict, load_checkpoint,
                                        merge_state_dict, save_checkpoint)
 
     src, dst = args.input, args.output
@@ -121,10 +121,10 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if _same_file(src, dst):
         raise UserError(f"m2pt merge: OUT is the same file as IN ({src!r}); the input is never overwritten, "
                         "choose another output path")
-    suffix = os.path.splitext(dst)[1].lower()
-    if suffix not in CHECKPOINT_SUFFIXES:
-        raise UserError(f"m2pt merge: output {dst!r} has unknown format {suffix or '(no suffix)'!r}; "
-                        f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        suffix = checkpoint_format(dst)
+    except ValueError as exc:
+        raise UserError(f"m2pt merge: output: {exc}") from None
     if os.path.isdir(dst):
         raise UserError(f"m2pt merge: output {dst!r} is a directory")
     if os.path.exists(dst) and not args.force:

@@ -40,6 +40,7 @@ from .ops.cross_modal_linear_reference import merged_weight
 __all__ = [
     "PRESETS",
     "CHECKPOINT_SUFFIXES",
+    "checkpoint_format",
     "PathwayConfig",
     "add_pathways",
     "merge_pathways",
@@ -70,6 +71,18 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
 
 # what load_checkpoint reads and save_checkpoint writes (`m2pt merge` and the examples check against it)
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+
+
+def checkpoint_format(path: Union[str, "os.PathLike[str]"]) -> str:
+    """The format of a checkpoint path, from its suffix: one of ``CHECKPOINT_SUFFIXES``, lower-case.
+    Any other suffix is a ValueError that names the path and the suffixes supported."""
+    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    if suffix not in CHECKPOINT_SUFFIXES:
+        raise ValueError(f"unknown checkpoint format {suffix or '(no suffix)'!r} of {os.fspath(path)!r}; "
+                         f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    return suffix
+
+
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")
 _KEY_PREFIXES = ("module.", "_orig_mod.")
 _NO_PATHWAYS = ("this checkpoint has no pathways (no *.aux_weight / *.cross_modal_scale keys): "
@@ -236,10 +249,10 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
         raise FileNotFoundError(f"load_checkpoint: no such file: {path!r}")
     if os.path.isdir(path):
         raise IsADirectoryError(f"load_checkpoint: {path!r} is a directory; pass the checkpoint file inside it")
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"load_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
-                         f"supported: {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        suffix = checkpoint_format(path)
+    except ValueError as exc:
+        raise ValueError(f"load_checkpoint: {exc}") from None
     if suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
@@ -271,10 +284,10 @@ def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathL
     path = os.fspath(path)
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"save_checkpoint: unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
-                         f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        suffix = checkpoint_format(path)
+    except ValueError as exc:
+        raise ValueError(f"save_checkpoint: {exc}") from None
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
         raise TypeError(f"save_checkpoint: values must be tensors; not tensors: {bad[:5]}")

@@ -146,12 +146,12 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
 def check_checkpoint_path(path: str, what: str) -> None:
     """Exit with a clear message, before any work, when ``path`` can't take a checkpoint:
     a format ``m2pt merge`` would not read, a folder, or a missing parent folder."""
-    from m2pt_kernels.pathways import CHECKPOINT_SUFFIXES
+    from m2pt_kernels.pathways import checkpoint_format
 
-    suffix = os.path.splitext(path)[1].lower()
-    if suffix not in CHECKPOINT_SUFFIXES:
-        sys.exit(f"error: {what} {path!r} has unknown checkpoint format {suffix or '(no suffix)'!r}; "
-                 f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
+    try:
+        checkpoint_format(path)
+    except ValueError as exc:
+        sys.exit(f"error: {what}: {exc}")
     if os.path.isdir(path):
         sys.exit(f"error: {what} {path!r} is a folder; pass a checkpoint file path")
     folder = os.path.dirname(os.path.abspath(path))

@@ -15,7 +15,7 @@ import m2pt_kernels
 from m2pt_kernels import (FusedCrossModalLinear, PathwayConfig, add_pathways, mark_only_scales_trainable,
                           merge_pathways, reparameterize_aux_into_target_model)
 from m2pt_kernels.baselines import PaperCrossModalReparamLinear
-from m2pt_kernels.pathways import (PRESETS, is_pathway_state_dict, load_checkpoint, merge_state_dict,
+from m2pt_kernels.pathways import (PRESETS, checkpoint_format, is_pathway_state_dict, load_checkpoint, merge_state_dict,
                                    save_checkpoint)
 
 from helpers import rel_err
@@ -509,6 +509,12 @@ def test_checkpoint_helpers(tmp_path):
         load_checkpoint(tmp_path / "weights.npz")
     with pytest.raises(ValueError, match="unknown checkpoint format"):
         save_checkpoint(sd, tmp_path / "out.h5")
+    assert not (tmp_path / "out.h5").exists()
+    # the one suffix check that load / save, `m2pt merge` and the examples share
+    assert checkpoint_format(tmp_path / "a.PTH") == ".pth" and checkpoint_format("dir.v1/b.safetensors") == ".safetensors"
+    for bad, shown in (("weights", "'(no suffix)'"), ("dir.pth/weights", "'(no suffix)'"), ("w.pth.tmp", "'.tmp'")):
+        with pytest.raises(ValueError, match=re.escape(f"unknown checkpoint format {shown} of {bad!r}; use one of .pth")):
+            checkpoint_format(bad)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(RuntimeError, match="could not read"):
         load_checkpoint(tmp_path / "junk.pth")
