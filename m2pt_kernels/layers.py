@@ -50,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .ops.cross_modal_linear import check_inputs, cross_modal_linear, transforms_active
-from .ops.cross_modal_linear_reference import merged_weight
+from .ops.cross_modal_linear_reference import autocast_enabled, merged_weight
 
 __all__ = ["FusedCrossModalLinear"]
 
@@ -135,24 +135,37 @@ class FusedCrossModalLinear(nn.Module):
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.scale_init = float(scale_init)
         self.reset_parameters()
         if aux_weight is None:
             aux = torch.zeros_like(self.weight, requires_grad=False)
         else:
             aux = self._copy_aux(aux_weight, self.weight, "aux_weight")
+        self._aux_is_zeros = aux_weight is None
         self._set_aux(aux, aux_trainable)
-        self.cross_modal_scale = nn.Parameter(self._new_scale(scale_init, per_channel_scale, self.weight.device))
+        self.cross_modal_scale = nn.Parameter(self._new_scale(self.scale_init, per_channel_scale, self.weight.device))
         self._cache: Optional[tuple] = None
 
     # ------------------------------------------------------------------ construction helpers
     def reset_parameters(self) -> None:
-        """nn.Linear's initialization of W and b (W' and λ are left alone)."""
-        if self.weight.device.type == "meta":
-            return
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
-        if self.bias is not None:
-            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
-            nn.init.uniform_(self.bias, -bound, bound)
+        """nn.Linear's initialization of W and b, λ back to ``scale_init``, and W' back to zeros when the
+        layer was built without one (``aux_weight=None``). A W' copied from an auxiliary model is left
+        alone: it is data, not an initialization (after ``to_empty`` load it with ``load_state_dict``).
+        Tensors on the meta device are skipped (this is what ``to_empty`` + ``reset_parameters`` of a
+        meta-built model calls)."""
+        self._cache = None
+        with torch.no_grad():
+            if self.weight.device.type != "meta":
+                nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+            if self.bias is not None and self.bias.device.type != "meta":
+                bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+                nn.init.uniform_(self.bias, -bound, bound)
+            scale = self.__dict__.get("_parameters", {}).get("cross_modal_scale")  # absent in __init__
+            if scale is not None and scale.device.type != "meta":
+                scale.fill_(getattr(self, "scale_init", 0.0))
+            aux = self._parameters.get("aux_weight", self._buffers.get("aux_weight"))
+            if aux is not None and aux.device.type != "meta" and getattr(self, "_aux_is_zeros", False):
+                aux.zero_()
 
     def _new_scale(self, scale_init: float, per_channel: bool, device) -> Tensor:
         n = self.out_features if per_channel else 1
@@ -204,6 +217,15 @@ class FusedCrossModalLinear(nn.Module):
         aux_w = aux.weight if isinstance(aux, nn.Module) else aux
         if isinstance(aux, nn.Module) and not isinstance(aux_w, Tensor):
             raise TypeError(f"FusedCrossModalLinear.from_linear: aux {type(aux).__name__} has no weight tensor")
+        from torch.nn.utils import parametrize
+        computed = [n for n in ("weight", "bias") if parametrize.is_parametrized(linear, n)
+                    or (isinstance(getattr(linear, n, None), Tensor) and getattr(linear, n).grad_fn is not None)]
+        if computed:
+            raise TypeError(
+                f"FusedCrossModalLinear.from_linear: {type(linear).__name__}.{computed[0]} is computed on every call "
+                "(a parametrization such as weight_norm / spectral_norm, or a hook), not a Parameter: the pathway "
+                "layer would train a frozen snapshot of it. Remove it first (torch.nn.utils.parametrize."
+                f"remove_parametrizations(layer, {computed[0]!r})), or leave this layer out of target_modules")
         bias = getattr(linear, "bias", None)
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, aux_trainable=aux_trainable,
                     scale_init=scale_init, per_channel_scale=per_channel_scale, device="meta", dtype=weight.dtype)
@@ -213,6 +235,7 @@ class FusedCrossModalLinear(nn.Module):
             layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())
         del layer.aux_weight
         layer._set_aux(aux_copy, aux_trainable)
+        layer._aux_is_zeros = False
         layer.cross_modal_scale = nn.Parameter(layer._new_scale(scale_init, per_channel_scale, weight.device))
         layer.train(linear.training)
         return layer
@@ -242,7 +265,9 @@ class FusedCrossModalLinear(nn.Module):
             return cache[2]
         with torch.no_grad():
             merged = merged_weight(weight, aux_weight, scale, dtype)
-        if self.cache_merged_weight and not self.training:
+        # inference tensors track no version counter (and change in place inside inference_mode without
+        # a trace): never cached
+        if self.cache_merged_weight and not self.training and not any(t.is_inference() for t in srcs):
             self._cache = ((dtype, _OPTIMIZER_STEPS[0]), tuple(_tensor_key(t) for t in srcs), merged)
         return merged
 
@@ -270,9 +295,10 @@ class FusedCrossModalLinear(nn.Module):
         # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight (the cache
         # keys on data pointers, which batched and dual tensors of torch.func transforms don't have).
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-        if isinstance(x, Tensor) and torch.is_autocast_enabled(device_type) \
+        if isinstance(x, Tensor) and autocast_enabled(device_type) \
                 and x.dtype != torch.float64 and weight.dtype != torch.float64:  # autocast leaves float64 alone
             dtype = torch.get_autocast_dtype(device_type)
+            check_inputs(x, weight, aux_weight, scale, bias, where=type(self).__name__, autocast_dtype=dtype)
         else:
             check_inputs(x, weight, aux_weight, scale, bias, where=type(self).__name__)
             dtype = weight.dtype
@@ -298,7 +324,7 @@ class FusedCrossModalLinear(nn.Module):
     def _apply(self, fn, recurse=True):
         # Keep λ (and its grad) at fp32 or wider under .to(bf16)/.half(): apply the cast to learn the
         # target device/dtype, then move the original values there in fp32 (no rounding through bf16).
-        scale = self._parameters.get("cross_modal_scale") if self.keep_scale_fp32 else None
+        scale = self._scale_tensor() if self.keep_scale_fp32 else None
         grad = scale.grad if scale is not None else None
 
         def cast_keeping_scale(t):
@@ -312,6 +338,14 @@ class FusedCrossModalLinear(nn.Module):
 
         self._cache = None
         return super()._apply(cast_keeping_scale, recurse)
+
+    def _scale_tensor(self) -> Optional[Tensor]:
+        """The λ Parameter itself: ``cross_modal_scale``, or its original under a parametrization."""
+        scale = self._parameters.get("cross_modal_scale")
+        if scale is None and "parametrizations" in self._modules:
+            param = getattr(self._modules["parametrizations"], "cross_modal_scale", None)
+            scale = getattr(param, "original", None)
+        return scale
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -330,6 +364,11 @@ class FusedCrossModalLinear(nn.Module):
                 stacklevel=2)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        # load_state_dict(assign=True) puts the checkpoint's own tensor in place: keep λ at fp32 or wider
+        scale = self._parameters.get("cross_modal_scale") if self.keep_scale_fp32 else None
+        if scale is not None and scale.is_floating_point() and scale.dtype != _scale_dtype(scale.dtype):
+            self.cross_modal_scale = nn.Parameter(scale.detach().to(_scale_dtype(scale.dtype)),
+                                                  requires_grad=scale.requires_grad)
 
     def train(self, mode: bool = True):
         self._cache = None
@@ -345,8 +384,10 @@ class FusedCrossModalLinear(nn.Module):
                  f"bias={self.bias is not None}",
                  f"aux={'trainable' if self.aux_trainable else 'frozen'}"]
         scale = self.cross_modal_scale
-        if scale.numel() == 1 and scale.device.type != "meta":
-            parts.append(f"scale={float(scale.detach().float().cpu()[0]):.4g}")
-        else:
+        if scale.numel() > 1:
             parts.append(f"scale=per-channel[{scale.numel()}]")
+        elif scale.device.type == "meta":
+            parts.append("scale=[1] (meta)")
+        else:
+            parts.append(f"scale={float(scale.detach().float().cpu()[0]):.4g}")
         return ", ".join(parts)

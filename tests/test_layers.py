@@ -142,6 +142,32 @@ def test_bad_inputs_name_the_problem():
         layer(torch.randn(2, IN + 1))
     with torch.no_grad(), pytest.raises(TypeError, match="x is float64 but weight is float32"):
         layer(torch.randn(2, IN, dtype=torch.float64))
+    # the eval path under autocast checks its inputs too (it used to reach F.linear's own errors)
+    layer.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with pytest.raises(ValueError, match="FusedCrossModalLinear: x has shape .* last dim"):
+            layer(torch.randn(2, IN + 1))
+        with pytest.raises(TypeError, match="x must be a floating-point tensor, got int64"):
+            layer(torch.ones(2, IN, dtype=torch.int64))
+        assert layer(torch.randn(2, IN, dtype=torch.float16)).dtype == torch.bfloat16  # autocast casts x
+    with pytest.raises(TypeError, match="x is float8_e4m3fn; the op computes"):
+        layer(torch.randn(2, IN).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("parametrization", ["weight_norm", "spectral_norm_bias"])
+def test_from_linear_refuses_a_computed_weight(parametrization):
+    """A parametrized W would be snapshotted into a new leaf: its originals (in the user's optimizer)
+    would silently stop training."""
+    lin = nn.Linear(IN, OUT)
+    if parametrization == "weight_norm":
+        lin = nn.utils.parametrizations.weight_norm(lin)
+        what = "weight"
+    else:
+        torch.nn.utils.parametrize.register_parametrization(lin, "bias", nn.Identity())
+        what = "bias"
+    with pytest.raises(TypeError, match=rf"ParametrizedLinear\.{what} is computed on every call.*"
+                                        rf"remove_parametrizations\(layer, '{what}'\)"):
+        FusedCrossModalLinear.from_linear(lin, torch.randn(OUT, IN))
 
 
 # ---------------------------------------------------------------------------- merge
@@ -283,6 +309,55 @@ def test_no_cache_kept_in_train_mode_or_when_disabled():
     assert layer._cache is None
 
 
+def test_layer_built_under_inference_mode_runs_in_eval():
+    """Inference tensors track no version counter: the merged weight is not cached for them (it used to
+    raise), and an in-place change inside inference_mode is seen on the next call."""
+    with torch.inference_mode():
+        layer = FusedCrossModalLinear(IN, OUT, aux_weight=torch.randn(OUT, IN), scale_init=0.5).eval()
+        x = torch.randn(3, IN)
+        assert rel_err(layer(x), ref64(layer, x)) < 1e-5
+        layer.cross_modal_scale.fill_(-2.0)
+        assert rel_err(layer(x), ref64(layer, x)) < 1e-5
+    assert layer._cache is None
+    with torch.no_grad():
+        assert rel_err(layer(x), ref64(layer, x)) < 1e-5
+
+
+def test_meta_device_layer_and_autocast():
+    """Shape / FLOP counting on meta tensors, also under autocast (autocast has no meta device type)."""
+    layer = FusedCrossModalLinear(IN, OUT, device="meta")
+    x = torch.randn(4, IN, device="meta")
+    with torch.no_grad():
+        assert layer(x).shape == (4, OUT)
+    half = FusedCrossModalLinear(IN, OUT, device="meta", dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = half(torch.randn(4, IN, device="meta", dtype=torch.bfloat16, requires_grad=True))
+        y.sum().backward()
+        with pytest.raises(ValueError, match="x on meta, weight on cpu"):
+            make_layer()[2](x)
+    assert y.shape == (4, OUT) and half.cross_modal_scale.grad.shape == (1,)
+
+
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_reset_parameters_after_meta_construction(per_channel):
+    """to_empty() + reset_parameters(), as for nn.Linear and FSDP2's meta init: λ comes back to
+    scale_init and a W' built as zeros to zeros (they used to keep uninitialized memory)."""
+    layer = FusedCrossModalLinear(IN, OUT, scale_init=0.25, per_channel_scale=per_channel, device="meta")
+    assert "scale=per-channel" in repr(layer) if per_channel else "scale=[1] (meta)" in repr(layer)
+    layer.to_empty(device="cpu")
+    with torch.no_grad():
+        for t in (layer.weight, layer.bias, layer.aux_weight, layer.cross_modal_scale):
+            t.fill_(float("nan"))
+    layer.reset_parameters()
+    assert torch.all(layer.cross_modal_scale == 0.25) and torch.equal(layer.aux_weight.detach(), torch.zeros(OUT, IN))
+    assert torch.isfinite(layer.weight).all() and layer.weight.abs().max() <= 1 / IN ** 0.5
+    assert torch.isfinite(layer.bias).all()
+    # a W' copied from an auxiliary model is data: reset_parameters leaves it alone
+    _, aux, copied = make_layer()
+    copied.reset_parameters()
+    assert torch.equal(copied.aux_weight.detach(), aux.weight.detach()) and torch.all(copied.cross_modal_scale == 0)
+
+
 def test_inference_mode_then_grad_mode():
     _, _, layer = make_layer(lam=torch.tensor([0.5]))
     layer.eval()
@@ -313,6 +388,18 @@ def test_lambda_stays_fp32_under_casts(dtype):
     assert layer.cross_modal_scale.dtype == torch.float64
     seq = nn.Sequential(FusedCrossModalLinear(IN, OUT)).to(dtype)
     assert seq[0].cross_modal_scale.dtype == torch.float32
+
+
+def test_lambda_stays_fp32_on_assign_loads_and_under_a_parametrization():
+    layer = FusedCrossModalLinear(IN, OUT, scale_init=0.3)
+    sd = {k: (v.bfloat16() if k == "cross_modal_scale" else v) for k, v in layer.state_dict().items()}
+    layer.load_state_dict(sd, assign=True)
+    assert layer.cross_modal_scale.dtype == torch.float32 and isinstance(layer.cross_modal_scale, nn.Parameter)
+    assert layer.cross_modal_scale.item() == torch.tensor(0.3).bfloat16().item()
+    torch.nn.utils.parametrize.register_parametrization(layer, "cross_modal_scale", nn.Tanh())
+    layer.half()
+    assert layer.weight.dtype == torch.float16
+    assert layer.parametrizations.cross_modal_scale.original.dtype == torch.float32
 
 
 def test_scale_follows_casts_when_asked():

@@ -52,10 +52,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _dispatch
+from .cross_modal_linear_reference import autocast_enabled
 
 __all__ = ["cross_modal_linear", "check_inputs"]
 
 _EMPTY_SHAPE = (0,)
+# what every backend computes; other floating dtypes (float8, ...) are refused with a clear error
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 def _name(dtype: torch.dtype) -> str:
@@ -74,8 +77,8 @@ def _valid_fast(x, weight, aux_weight, scale, bias) -> bool:
                 and isinstance(scale, Tensor) and len(ws) == 2 and x.dim() >= 1
                 and aux_weight.shape == ws and x.shape[-1] == ws[1]
                 and scale.dim() == 1 and (scale.shape[0] == 1 or scale.shape[0] == ws[0])
-                and x.dtype == dt and aux_weight.dtype == dt and dt.is_floating_point
-                and scale.dtype.is_floating_point
+                and x.dtype == dt and aux_weight.dtype == dt and dt in _FLOAT_DTYPES
+                and scale.dtype in _FLOAT_DTYPES
                 and x.device == dev and aux_weight.device == dev and scale.device == dev
                 and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == ws[0]
                                       and bias.dtype == dt and bias.device == dev)))
@@ -91,8 +94,12 @@ def check_inputs(
     bias: Optional[Tensor] = None,
     *,
     where: str = "cross_modal_linear",
+    autocast_dtype: Optional[torch.dtype] = None,
 ) -> None:
-    """Raise a TypeError / ValueError naming the argument at fault; return None when all is well."""
+    """Raise a TypeError / ValueError naming the argument at fault; return None when all is well.
+
+    ``autocast_dtype``: the dtype ``torch.autocast`` will cast x, W, W' and b to before computing; their
+    dtypes need not agree then (each must still be a supported floating dtype)."""
     if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias):
         return
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
@@ -130,6 +137,20 @@ def check_inputs(
                        ("cross_modal_scale", cross_modal_scale), ("bias", bias)):
         if value is not None and not value.is_floating_point():
             raise TypeError(f"{where}: {arg} must be a floating-point tensor, got {_name(value.dtype)}")
+        if value is not None and value.dtype not in _FLOAT_DTYPES:
+            raise TypeError(f"{where}: {arg} is {_name(value.dtype)}; the op computes "
+                            f"{', '.join(_name(d) for d in _FLOAT_DTYPES)}: cast it to one of those")
+    if autocast_dtype is None:
+        _check_same_dtypes(x, weight, aux_weight, bias, where)
+    devices = {arg: value.device for arg, value in (
+        ("x", x), ("weight", weight), ("aux_weight", aux_weight),
+        ("cross_modal_scale", cross_modal_scale), ("bias", bias)) if value is not None}
+    if len(set(devices.values())) > 1:
+        listed = ", ".join(f"{arg} on {dev}" for arg, dev in devices.items())
+        raise ValueError(f"{where}: all tensors must be on one device, got {listed}")
+
+
+def _check_same_dtypes(x, weight, aux_weight, bias, where: str) -> None:
     if aux_weight.dtype != weight.dtype:
         raise TypeError(
             f"{where}: weight is {_name(weight.dtype)} but aux_weight is {_name(aux_weight.dtype)}; "
@@ -142,12 +163,6 @@ def check_inputs(
         )
     if bias is not None and bias.dtype != weight.dtype:
         raise TypeError(f"{where}: bias is {_name(bias.dtype)} but weight is {_name(weight.dtype)}")
-    devices = {arg: value.device for arg, value in (
-        ("x", x), ("weight", weight), ("aux_weight", aux_weight),
-        ("cross_modal_scale", cross_modal_scale), ("bias", bias)) if value is not None}
-    if len(set(devices.values())) > 1:
-        listed = ", ".join(f"{arg} on {dev}" for arg, dev in devices.items())
-        raise ValueError(f"{where}: all tensors must be on one device, got {listed}")
 
 
 def _impl(backend: str):
@@ -416,7 +431,7 @@ def cross_modal_linear(
     compiling = torch.compiler.is_compiling()
     if compiling or _any_autocast_enabled():
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
-        if torch.is_autocast_enabled(device_type):
+        if autocast_enabled(device_type):
             x, weight, aux_weight, bias = _autocast_args(torch.get_autocast_dtype(device_type),
                                                          x, weight, aux_weight, bias)
     check_inputs(x, weight, aux_weight, cross_modal_scale, bias)  # one fast check when all is well

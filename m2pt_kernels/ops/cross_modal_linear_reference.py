@@ -50,11 +50,17 @@ def dgrad(dy2: Tensor, weight: Tensor, aux_weight: Tensor, scale: Tensor) -> Ten
     return dy2 @ merged_weight(weight, aux_weight, scale, dy2.dtype)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """``torch.is_autocast_enabled(device_type)``, False for meta tensors (autocast has no meta device
+    type and raises for it; it casts nothing there)."""
+    return device_type != "meta" and torch.is_autocast_enabled(device_type)
+
+
 def _mm_in(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
     """``a @ b`` computed and returned in ``dtype``. A backward called inside an autocast region runs
     under it, and autocast would put the GEMM back in its low-precision dtype."""
     a, b = _as(a, dtype), _as(b, dtype)
-    if torch.is_autocast_enabled(a.device.type):
+    if autocast_enabled(a.device.type):
         with torch.autocast(a.device.type, enabled=False):
             return a @ b
     return a @ b
