@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "(this package's or the paper's CrossModalReparamLinear format) into "
                                    "'*.weight' (W + λ·W'); the result loads into the original architecture "
                                    "with strict=True. The input is never modified.")
-    m.add_argument("input", metavar="IN", help="training checkpoint (.pth/.pt/.bin/.ckpt/.safetensors)")
+    m.add_argument("input", metavar="IN", help="training checkpoint (.pth/.pt/.bin/.ckpt/.pth.tar/.safetensors)")
     m.add_argument("output", metavar="OUT", help="merged checkpoint to write (format from its suffix)")
     m.add_argument("--force", action="store_true", help="overwrite OUT if it exists (never IN)")
     m.add_argument("--unsafe-pickle", action="store_true",

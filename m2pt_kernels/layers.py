@@ -96,6 +96,15 @@ def _same_tensor(key, t: Tensor) -> bool:
             and device == t.device and shape == tuple(t.shape))
 
 
+def computed_weights(linear: nn.Module) -> list:
+    """The names among ``weight`` / ``bias`` whose value ``linear`` computes on every call (a
+    parametrization such as ``weight_norm`` / ``spectral_norm``, or the older hook-based ones) instead
+    of holding it as a Parameter: a pathway layer built from them would train a frozen snapshot."""
+    from torch.nn.utils import parametrize
+    return [n for n in ("weight", "bias") if parametrize.is_parametrized(linear, n)
+            or (isinstance(getattr(linear, n, None), Tensor) and getattr(linear, n).grad_fn is not None)]
+
+
 class FusedCrossModalLinear(nn.Module):
     """Linear layer with a cross-modal pathway: ``y = x · (W + λ·W')ᵀ + b``.
 
@@ -217,9 +226,7 @@ class FusedCrossModalLinear(nn.Module):
         aux_w = aux.weight if isinstance(aux, nn.Module) else aux
         if isinstance(aux, nn.Module) and not isinstance(aux_w, Tensor):
             raise TypeError(f"FusedCrossModalLinear.from_linear: aux {type(aux).__name__} has no weight tensor")
-        from torch.nn.utils import parametrize
-        computed = [n for n in ("weight", "bias") if parametrize.is_parametrized(linear, n)
-                    or (isinstance(getattr(linear, n, None), Tensor) and getattr(linear, n).grad_fn is not None)]
+        computed = computed_weights(linear)
         if computed:
             raise TypeError(
                 f"FusedCrossModalLinear.from_linear: {type(linear).__name__}.{computed[0]} is computed on every call "

@@ -9,8 +9,9 @@ may differ from the target's: only the matched layers need a partner of the same
 
 Which layers (``PathwayConfig.target_modules``):
 
-- ``None``: a preset chosen by the model family (the preset matching the most ``nn.Linear``
-  layers): see ``PRESETS``.
+- ``None``: a preset chosen by the model family: the one preset whose every layer name is in the
+  model (see ``PRESETS``). A model where no preset fits whole (say only its ``mlp.fc1``/``mlp.fc2``)
+  is an error naming what matched, never a silent partial selection: pass ``target_modules``.
 - a list of names or suffixes: ``"attn.qkv"`` matches ``blocks.3.attn.qkv`` (at a dot boundary,
   so it does not match ``blocks.3.xattn.qkv``); a full name matches only itself.
 - a string: a regular expression matched against the whole qualified name
@@ -34,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import FusedCrossModalLinear
+from .layers import FusedCrossModalLinear, computed_weights
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
@@ -67,10 +68,16 @@ PRESETS: Dict[str, Tuple[str, ...]] = {
     # ViTSelfOutput.dense, ViTIntermediate.dense, ViTOutput.dense)
     "hf_vit_legacy": ("attention.attention.query", "attention.attention.key", "attention.attention.value",
                       "attention.output.dense", "intermediate.dense", "output.dense"),
+    # Hugging Face CLIP / SigLIP / SigLIP2 encoders (CLIPAttention.q_proj/k_proj/v_proj/out_proj under
+    # ``self_attn``, CLIPMLP.fc1/fc2 under ``mlp``)
+    "hf_clip": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                "mlp.fc1", "mlp.fc2"),
 }
 
 # what load_checkpoint reads and save_checkpoint writes (`m2pt merge` and the examples check against it)
-CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".safetensors")
+# (``.tar``: timm's train.py writes ``model_best.pth.tar`` / ``last.pth.tar`` / ``checkpoint-N.pth.tar``
+# with torch.save)
+CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 
 
 def checkpoint_format(path: Union[str, "os.PathLike[str]"]) -> str:
@@ -166,11 +173,7 @@ def _select(model: nn.Module, config: PathwayConfig) -> Tuple[List[str], str]:
     if isinstance(target, str) and target in PRESETS:
         target, how = PRESETS[target], f"preset {target!r}"
     elif target is None:
-        linears = [n for n in _linear_names(model) if not _excluded(n, exclude)]
-        counts = {p: sum(_matches_target(n, suf) for n in linears) for p, suf in PRESETS.items()}
-        best = max(PRESETS, key=lambda p: counts[p])  # ties: the first preset in PRESETS order
-        if counts[best] == 0:
-            raise ValueError(_no_match_message(model, None, exclude))
+        best = _pick_preset(model, exclude)
         target, how = PRESETS[best], f"preset {best!r}"
     else:
         how = f"regex {target!r}" if isinstance(target, str) else f"names {list(target)}"
@@ -178,6 +181,34 @@ def _select(model: nn.Module, config: PathwayConfig) -> Tuple[List[str], str]:
     if not selected:
         raise ValueError(_no_match_message(model, target, exclude))
     return selected, how
+
+
+def _pick_preset(model: nn.Module, exclude) -> str:
+    """The preset for ``target_modules=None``: the one whose every suffix names a linear layer of the
+    model. Presence is judged before ``exclude_modules``, so excluding a layer kind on purpose (say
+    ``attn.qkv``) keeps the preset; the exclusion then applies to the selection."""
+    linears = _linear_names(model)
+    found = {p: [suf for suf in sufs if any(_suffix_match(n, suf) for n in linears)] for p, sufs in PRESETS.items()}
+    whole = [p for p, sufs in PRESETS.items() if len(found[p]) == len(sufs)]
+    if len(whole) == 1:
+        return whole[0]
+    if len(whole) > 1:
+        raise ValueError(
+            f"add_pathways: more than one preset fits this model whole ({', '.join(whole)}): it holds layers of "
+            "several model families, and which ones get pathways is your choice. Pass PathwayConfig("
+            "target_modules=...) explicitly: a preset name, a list of names or suffixes, or a regex string.")
+    partial = [p for p in PRESETS if found[p]]
+    if not partial:
+        raise ValueError(_no_match_message(model, None, exclude))
+    shown = "; ".join(f"{p!r} has {', '.join(found[p])} but not {', '.join(s for s in PRESETS[p] if s not in found[p])}"
+                      for p in partial)
+    suffixes = sorted({".".join(n.split(".")[-2:]) for n in linears})
+    raise ValueError(
+        f"add_pathways: no preset fits this model whole ({shown}). target_modules=None picks a preset only "
+        "when the model has every layer it names; a part of one would silently leave the other layers (often "
+        f"the attention) without a pathway. Linear-layer suffixes in the model: {suffixes[:20]}. Pass "
+        "PathwayConfig(target_modules=[...]) explicitly with the names or suffixes of the layers to pair, or a "
+        "regex string.")
 
 
 def _no_match_message(model: nn.Module, target, exclude) -> str:
@@ -237,7 +268,8 @@ def _unwrap(obj, where: str) -> Dict[str, Tensor]:
 
 
 def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool = True) -> Dict[str, Tensor]:
-    """The state_dict in a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.safetensors`` file, on the CPU.
+    """The state_dict in a ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` / ``.tar`` (timm's ``model_best.pth.tar``)
+    / ``.safetensors`` file, on the CPU.
 
     Training checkpoints are unwrapped (``{"model": sd, "optimizer": ...}``, ``{"state_dict": sd}``,
     ``{"module": sd}``) and DDP's ``module.`` / torch.compile's ``_orig_mod.`` prefixes dropped. Pickle
@@ -280,7 +312,8 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
 
 
 def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathLike[str]"]) -> None:
-    """Write ``state_dict`` as ``.safetensors`` or with ``torch.save`` (``.pth``/``.pt``/``.bin``/``.ckpt``)."""
+    """Write ``state_dict`` as ``.safetensors`` or with ``torch.save``
+    (``.pth``/``.pt``/``.bin``/``.ckpt``/``.tar``)."""
     path = os.fspath(path)
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
@@ -378,31 +411,40 @@ def _aux_state_dict(aux: AuxSource) -> Dict[str, Tensor]:
 def _align_names(selected: List[str], aux_keys: Iterable[str], where: str) -> Tuple[str, str]:
     """(target prefix to strip, aux prefix to add) so that target layer names find aux keys.
 
-    Exact names first; else one wrapper prefix present on one side only (e.g. ``vit.`` of
-    ViTForImageClassification vs ViTModel, or a wrapper's ``model.``) that pairs every selected layer.
+    Exact names first; else the one wrapper prefix present on one side only (e.g. ``vit.`` of
+    ViTForImageClassification vs ViTModel, or a wrapper's ``model.``) that pairs the most selected
+    layers, and more of them than exact names do. It need not pair every layer: an auxiliary model
+    that is shallower, or lacks a layer, is then reported as such (depth, or the missing layer by
+    name) rather than as a model with other layer names.
     """
     keys = set(aux_keys)
-    best, best_hits = ("", ""), sum((n + ".weight") in keys for n in selected)
-    if best_hits == len(selected):
-        return best
-    first = selected[0]
-    parts = first.split(".")
-    candidates = set()
-    for i in range(len(parts)):  # strip i leading components of the target name ...
-        rest = ".".join(parts[i:]) + ".weight"
-        strip = ".".join(parts[:i]) + ("." if i else "")
-        for k in keys:  # ... and add whatever the aux key has in front
-            if k == rest or k.endswith("." + rest):
-                candidates.add((strip, k[: len(k) - len(rest)]))
-    pairing = []
-    for strip, add in sorted(candidates):
-        # only a wrapper prefix on one side (``vit.``, ``model.``, ``backbone.``), never a block index,
-        # and only if it pairs every selected layer: anything else is not pairing by name
-        if (strip and add) or any(p.isdigit() for p in (strip + add).split(".")):
-            continue
-        hits = sum(n.startswith(strip) and (add + n[len(strip):] + ".weight") in keys for n in selected)
-        if hits == len(selected):
-            pairing.append((strip, add))
+    exact = sum((n + ".weight") in keys for n in selected)
+    if exact == len(selected):
+        return "", ""
+    # every aux key by each of its dotted endings: ending -> the prefixes in front of it
+    by_ending: Dict[str, List[str]] = {}
+    for k in keys:
+        parts = k.split(".")
+        for j in range(len(parts)):
+            by_ending.setdefault(".".join(parts[j:]), []).append(".".join(parts[:j]) + ("." if j else ""))
+    hits: Dict[Tuple[str, str], int] = {}
+    for n in selected:
+        parts = n.split(".")
+        found = set()
+        for i in range(len(parts)):  # strip i leading components of the target name ...
+            strip = ".".join(parts[:i]) + ("." if i else "")
+            for add in by_ending.get(".".join(parts[i:]) + ".weight", ()):  # ... and add the aux key's front
+                # only a wrapper prefix on one side (``vit.``, ``model.``, ``backbone.``), never a block
+                # index: anything else is not pairing by name
+                if (strip and add) or not (strip or add) or any(p.isdigit() for p in (strip + add).split(".")):
+                    continue
+                found.add((strip, add))
+        for pair in found:
+            hits[pair] = hits.get(pair, 0) + 1
+    most = max(hits.values(), default=0)
+    if most <= exact:
+        return "", ""
+    pairing = sorted(pair for pair, h in hits.items() if h == most)
     if len(pairing) > 1:
         # e.g. an auxiliary model with ``video.`` and ``audio.`` towers of one architecture: which
         # one is meant is the user's choice, never the alphabet's
@@ -412,7 +454,7 @@ def _align_names(selected: List[str], aux_keys: Iterable[str], where: str) -> Tu
             f"add_pathways: {where} holds more than one set of layers that pairs with the target's "
             f"{selected[0]!r}, ... by name (prefixes {shown}); pass the sub-model to pair with (e.g. "
             "aux.video instead of aux), or a state_dict holding only its keys.")
-    return pairing[0] if pairing else best
+    return pairing[0]
 
 
 def _block_index_counts(names: Iterable[str], containers: Iterable[str]) -> Dict[str, List[int]]:
@@ -466,6 +508,15 @@ def _check_depth(model: nn.Module, selected: List[str], aux_keys: List[str], str
             "or pass a state_dict holding only the blocks to pair and select them with target_modules.")
 
 
+def _weight_read_by_parent(parent: nn.Module, name: str) -> bool:
+    """timm's BEiT / EVA / Swin V2 attention: with ``q_bias``/``v_bias`` of its own it reads
+    ``self.qkv.weight`` into ``F.linear`` instead of calling ``self.qkv`` (unless ``qkv_bias_separate``,
+    which calls it and adds the bias after). A pathway on that ``qkv`` would never run."""
+    if name.rpartition(".")[2] != "qkv" or getattr(parent, "qkv_bias_separate", False) is True:
+        return False
+    return any(isinstance(getattr(parent, b, None), Tensor) for b in ("q_bias", "k_bias", "v_bias"))
+
+
 def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfig] = None) -> nn.Module:
     """Give every selected linear layer of ``model`` a pathway to the same-named layer of ``aux``.
 
@@ -507,6 +558,21 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
         if isinstance(parent, nn.MultiheadAttention):
             raise TypeError(f"add_pathways: {name!r} is the out_proj of an nn.MultiheadAttention, which reads its "
                             "weight directly instead of calling it; a pathway there would be ignored. Exclude it.")
+        if _weight_read_by_parent(parent, name):
+            raise TypeError(
+                f"add_pathways: {name!r} is not called by its parent {type(parent).__name__}: with its own q_bias / "
+                "v_bias, that attention computes F.linear(x, self.qkv.weight, cat(q_bias, k_bias, "
+                "v_bias)) (timm's BEiT, EVA and Swin V2), so a pathway there would be silently bypassed: λ would "
+                "get no gradient and merging would change the model. Leave this layer out: "
+                "exclude_modules=('head', 'attn.qkv'), or target_modules without 'attn.qkv' "
+                "(e.g. ['attn.proj', 'mlp.fc1', 'mlp.fc2']).")
+        computed = computed_weights(m)
+        if computed:  # checked here, before any layer is replaced (from_linear would refuse it halfway)
+            raise TypeError(
+                f"add_pathways: {name!r} computes its {computed[0]} on every call (a parametrization such as "
+                "weight_norm / spectral_norm, or a hook): a pathway layer would train a frozen snapshot of it. Remove "
+                f"it first (torch.nn.utils.parametrize.remove_parametrizations(module, {computed[0]!r})) or exclude "
+                "the layer.")
     aux_keys = list(aux_sd)
     strip, add = _align_names(selected, aux_keys, where)
     hits = sum(((add + n[len(strip):]) if n.startswith(strip) else n) + ".weight" in aux_sd for n in selected)
@@ -533,6 +599,12 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
                              "shapes (is the auxiliary model of the same width/size?)")
         if not aux_w.is_floating_point():
             raise TypeError(f"add_pathways: the auxiliary {key!r} is {aux_w.dtype}, not floating point")
+        if aux_w.is_meta and not target.weight.is_meta:
+            raise ValueError(
+                f"add_pathways: the auxiliary {key!r} (partner of {name!r}) is on the meta device: it holds no "
+                "values (built under torch.device('meta') or init_empty_weights, and never loaded). Load the "
+                "auxiliary weights before adding pathways, e.g. aux.to_empty(device='cpu') then "
+                "aux.load_state_dict(...), or pass the auxiliary checkpoint's path or state_dict instead.")
         pairs.append((name, target, aux_w))
     for name, target, aux_w in pairs:
         layer = FusedCrossModalLinear.from_linear(

@@ -139,7 +139,7 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--out", default=None,
-                   help="write the training checkpoint here (.safetensors, .pth, .pt, .bin or .ckpt; "
+                   help="write the training checkpoint here (.safetensors, .pth, .pt, .bin, .ckpt or .pth.tar; "
                         "its folder must exist)")
 
 

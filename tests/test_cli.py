@@ -243,6 +243,25 @@ def test_merge_both_formats(fmt, in_suffix, out_suffix, tmp_path, capsys):
     assert not any(f.name.startswith(".") for f in tmp_path.iterdir())  # no temp files left behind
 
 
+def test_merge_timm_pth_tar_checkpoint(tmp_path, capsys):
+    """timm's train.py saves {'state_dict': ..., 'epoch': ...} as model_best.pth.tar: merged, also to .pth.tar."""
+    import argparse
+    from m2pt_kernels.pathways import load_checkpoint
+    trained = _ours_checkpoint(tmp_path / "ours.safetensors")
+    src, dst = tmp_path / "model_best.pth.tar", tmp_path / "merged.pth.tar"
+    torch.save({"epoch": 3, "arch": "vit", "state_dict": trained.state_dict(), "version": 2,
+                "args": argparse.Namespace(lr=0.1), "metric": 81.2}, src)
+    rc, out, err = _run(capsys, "merge", str(src), str(dst))
+    assert rc == 0, err
+    assert "merged 8 pathway layer(s)" in out
+    plain = _target().eval()
+    plain.load_state_dict(load_checkpoint(str(dst)), strict=True)
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), trained(x), rtol=1e-5, atol=1e-5)
+    assert not any(f.name.startswith(".") for f in tmp_path.iterdir())  # no temp files left behind
+
+
 def test_merge_bad_input(tmp_path, capsys):
     def err_of(*argv):
         rc, _, err = _run(capsys, "merge", *argv)

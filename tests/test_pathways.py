@@ -454,6 +454,53 @@ def test_error_aux_uses_other_layer_names():
         add_pathways(target, renamed)
 
 
+def test_error_shallower_aux_behind_a_wrapper_prefix_is_a_depth_error():
+    # a wrapper prefix on one side and a shallower aux: the prefix pairs only some layers, and the error
+    # is the depth, not "the two models use different layer names"
+    target, aux = toy_pair(depth=3, aux_depth=2)
+    with pytest.raises(ValueError, match=r"shallower than the target.*backbone\.blocks\.0-2 \(3 blocks\).*"
+                                         r"has blocks\.0-1 \(2 blocks\)"):
+        add_pathways(Wrapped(target), aux)
+    with pytest.raises(ValueError, match=r"shallower than the target.*has blocks\.0-2 \(3 blocks\).*"
+                                         r"backbone\.blocks\.0-1 \(2 blocks\)"):
+        add_pathways(target, Wrapped(aux))
+    assert not pathway_names(target)
+    # one layer missing under the right prefix: that layer is named
+    target, aux = toy_pair()
+    sd = {k: v for k, v in aux.state_dict().items() if k != "blocks.1.mlp.fc2.weight"}
+    wrapped = Wrapped(target)
+    with pytest.raises(ValueError, match=r"'backbone\.blocks\.1\.mlp\.fc2' has no partner.*"
+                                         r"'blocks\.1\.mlp\.fc2\.weight'"):
+        add_pathways(wrapped, sd)
+    assert not pathway_names(wrapped)
+
+
+def test_error_shallower_hf_aux_without_the_vit_prefix():
+    transformers = pytest.importorskip("transformers")
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64, image_size=32, patch_size=8)
+    target = transformers.ViTForImageClassification(transformers.ViTConfig(num_hidden_layers=3, **small))
+    aux = transformers.ViTModel(transformers.ViTConfig(num_hidden_layers=2, **small))
+    with pytest.raises(ValueError, match=r"shallower than the target.*vit\.layers\.0-2 \(3 blocks\).*"
+                                         r"has layers\.0-1 \(2 blocks\)"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+
+
+def test_error_aux_on_the_meta_device():
+    target, _ = toy_pair()
+    with torch.device("meta"):
+        aux = ToyViT(in_dim=7, classes=11)
+    with pytest.raises(ValueError, match=r"auxiliary 'blocks\.0\.attn\.qkv\.weight' \(partner of "
+                                         r"'blocks\.0\.attn\.qkv'\) is on the meta device.*to_empty"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+    # both on meta (the structure built before loading a checkpoint into it) is not an error
+    with torch.device("meta"):
+        empty = ToyViT()
+    add_pathways(empty, aux)
+    assert len(pathway_names(empty)) == 12 and empty.blocks[0].attn.qkv.aux_weight.is_meta
+
+
 def test_error_no_match_lists_nearest_names_and_presets():
     target, aux = toy_pair()
     with pytest.raises(ValueError, match=r"no module matches target_modules=\['attn\.qkvv'\].*attn\.qkv.*timm_vit"):
@@ -475,6 +522,83 @@ def test_error_matched_module_not_linear_twice_and_mha():
     mha = nn.Sequential(nn.MultiheadAttention(8, 2))
     with pytest.raises(TypeError, match="out_proj of an nn.MultiheadAttention"):
         add_pathways(mha, copy.deepcopy(mha), PathwayConfig(target_modules=["out_proj"]))
+
+
+class BiasedQkvAttn(nn.Module):
+    """timm's BEiT / EVA / Swin V2 attention: q_bias and v_bias of its own, and ``self.qkv.weight`` read
+    into F.linear instead of calling ``self.qkv`` (unless qkv_bias_separate)."""
+
+    def __init__(self, d, qkv_bias=True, qkv_bias_separate=False):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.qkv_bias_separate = qkv_bias_separate
+        if qkv_bias:
+            self.q_bias = nn.Parameter(torch.randn(d))
+            self.register_buffer("k_bias", torch.zeros(d), persistent=False)
+            self.v_bias = nn.Parameter(torch.randn(d))
+        else:
+            self.q_bias = self.k_bias = self.v_bias = None
+        self.proj = nn.Linear(d, d)
+
+    def forward(self, x):
+        if self.q_bias is None:
+            qkv = self.qkv(x)
+        else:
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            qkv = self.qkv(x) + bias if self.qkv_bias_separate else nn.functional.linear(x, self.qkv.weight, bias)
+        q, k, v = qkv.chunk(3, dim=-1)
+        return self.proj(torch.softmax(q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5, dim=-1) @ v)
+
+
+def biased_qkv_vit(**kw):
+    model = ToyViT()
+    for block in model.blocks:
+        block.attn = BiasedQkvAttn(24, **kw)
+    return model
+
+
+def test_error_qkv_weight_read_directly_by_its_parent():
+    target, aux = biased_qkv_vit(), biased_qkv_vit()
+    with pytest.raises(TypeError, match=r"'blocks\.0\.attn\.qkv' is not called by its parent BiasedQkvAttn.*"
+                                        r"q_bias.*silently bypassed.*exclude_modules=\('head', 'attn\.qkv'\)"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+    with pytest.raises(TypeError, match=r"'blocks\.2\.attn\.qkv' is not called"):
+        add_pathways(target, aux, PathwayConfig(target_modules=["blocks.2.attn.qkv"]))
+    # leaving it out works, and every remaining pathway is live
+    add_pathways(target, aux, PathwayConfig(exclude_modules=("head", "attn.qkv"), scale_init=0.5))
+    assert pathway_names(target) == [f"blocks.{i}.{n}" for i in range(3) for n in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    target(torch.randn(2, 6, 10)).sum().backward()
+    assert all(target.get_submodule(n).cross_modal_scale.grad is not None for n in pathway_names(target))
+    # the same attention calling self.qkv (bias added after, or no q/v bias) is paired as usual
+    for kw in (dict(qkv_bias_separate=True), dict(qkv_bias=False)):
+        target = add_pathways(biased_qkv_vit(**kw), biased_qkv_vit(**kw), PathwayConfig(scale_init=0.5))
+        target(torch.randn(2, 6, 10)).sum().backward()
+        assert target.blocks[0].attn.qkv.cross_modal_scale.grad is not None, kw
+
+
+@pytest.mark.parametrize("arch,kw,qkv", [
+    ("beit_base_patch16_224", dict(img_size=32, patch_size=8, depth=2, embed_dim=64, num_heads=2), "blocks.0.attn.qkv"),
+    ("eva02_tiny_patch14_224", dict(img_size=28, patch_size=14, depth=2), "blocks.0.attn.qkv"),
+    ("swinv2_tiny_window8_256", dict(img_size=32, depths=(1, 1), num_heads=(1, 2), embed_dim=16, window_size=4),
+     "layers.0.blocks.0.attn.qkv"),
+])
+def test_timm_attention_with_q_v_bias_refuses_qkv(arch, kw, qkv):
+    timm = pytest.importorskip("timm")
+    make = lambda: timm.create_model(arch, pretrained=False, num_classes=4, **kw)  # noqa: E731
+    target, aux = make(), make()
+    with pytest.raises(TypeError, match=re.escape(f"{qkv!r} is not called by its parent")):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+    add_pathways(target, aux, PathwayConfig(exclude_modules=("head", "attn.qkv"), scale_init=0.5))
+    assert pathway_names(target) and not any(n.endswith("attn.qkv") for n in pathway_names(target))
+    x = torch.randn(2, 3, kw["img_size"], kw["img_size"])
+    target(x).sum().backward()
+    assert all(target.get_submodule(n).cross_modal_scale.grad is not None for n in pathway_names(target))
+    target.eval()
+    with torch.no_grad():
+        want = target(x)
+        assert rel_err(merge_pathways(target)(x), want) < 1e-5
 
 
 def test_error_aux_checkpoint_has_pathways():
@@ -528,6 +652,26 @@ def test_checkpoint_helpers(tmp_path):
         load_checkpoint(tmp_path / "empty.pth")
 
 
+def test_timm_pth_tar_checkpoints(tmp_path):
+    # timm's train.py writes model_best.pth.tar / last.pth.tar / checkpoint-N.pth.tar with torch.save
+    target, aux = toy_pair()
+    best = tmp_path / "model_best.pth.tar"
+    torch.save({"epoch": 3, "arch": "vit_tiny_patch16_224", "state_dict": aux.state_dict(),
+                "optimizer": {"state": {}, "param_groups": []}, "version": 2,
+                "args": argparse.Namespace(lr=0.1), "metric": 81.2}, best)
+    assert checkpoint_format(best) == ".tar" and checkpoint_format("out/CHECKPOINT-9.PTH.TAR") == ".tar"
+    loaded = load_checkpoint(best)
+    assert list(loaded) == list(aux.state_dict())
+    assert all(torch.equal(loaded[k], v) for k, v in aux.state_dict().items())
+    add_pathways(target, best)
+    assert torch.equal(target.blocks[2].attn.qkv.aux_weight, aux.blocks[2].attn.qkv.weight)
+    randomize_scales(target)
+    sd = target.state_dict()
+    save_checkpoint(sd, tmp_path / "last.pth.tar")
+    again = load_checkpoint(tmp_path / "last.pth.tar")
+    assert list(again) == list(sd) and all(torch.equal(again[k], v) for k, v in sd.items())
+
+
 def test_checkpoint_round_trip_through_fresh_pathway_model(tmp_path):
     target, aux = toy_pair()
     add_pathways(target, aux, PathwayConfig(per_channel_scale=True))
@@ -572,6 +716,87 @@ def test_legacy_hf_vit_preset():
     names = pathway_names(model)
     assert len(names) == 12 and "pooler.dense" not in names
     assert {n.split(".", 3)[3] for n in names} == set(PRESETS["hf_vit_legacy"])
+
+
+class ClipLayer(nn.Module):
+    """Hugging Face CLIP / SigLIP encoder layer names: self_attn.{q,k,v,out}_proj, mlp.fc1/fc2."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.self_attn = nn.Module()
+        for n in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            setattr(self.self_attn, n, nn.Linear(d, d))
+        self.mlp = Mlp(d)
+
+
+def clip_like(depth=2, d=8):
+    m = nn.Module()
+    m.encoder = nn.Module()
+    m.encoder.layers = nn.ModuleList([ClipLayer(d) for _ in range(depth)])
+    m.head = nn.Linear(d, 3)
+    return m
+
+
+def test_clip_preset(caplog):
+    with caplog.at_level("INFO", logger="m2pt_kernels"):
+        model = add_pathways(clip_like(), clip_like())
+    names = pathway_names(model)
+    assert len(names) == 12 and "head" not in names
+    assert {n.split(".", 3)[3] for n in names} == set(PRESETS["hf_clip"])
+    assert "preset 'hf_clip'" in caplog.text
+
+
+def test_preset_must_fit_the_model_whole():
+    # only mlp.fc1/fc2 carry a preset's names: an error naming what each preset matched, not 6 of 12 layers
+    def partial():
+        model = ToyViT()
+        for block in model.blocks:
+            block.attention = block.attn
+            del block.attn
+        return model
+    target = partial()
+    with pytest.raises(ValueError, match=r"no preset fits this model whole \('timm_vit' has mlp\.fc1, mlp\.fc2 but not "
+                                         r"attn\.qkv, attn\.proj;.*'hf_clip' has mlp\.fc1, mlp\.fc2 but not "
+                                         r"self_attn\.q_proj.*target_modules=\[\.\.\.\]\) explicitly"):
+        add_pathways(target, partial())
+    assert not pathway_names(target)
+    add_pathways(target, partial(),
+                 PathwayConfig(target_modules=["attention.qkv", "attention.proj", "mlp.fc1", "mlp.fc2"]))
+    assert len(pathway_names(target)) == 12
+    # a layer kind excluded on purpose keeps the preset
+    target, aux = toy_pair()
+    add_pathways(target, aux, PathwayConfig(exclude_modules=("head", "attn.qkv")))
+    assert pathway_names(target) == [f"blocks.{i}.{n}" for i in range(3) for n in ("attn.proj", "mlp.fc1", "mlp.fc2")]
+    # two families in one model: which gets pathways is the user's choice
+    def both():
+        m = nn.Module()
+        m.image, m.text = ToyViT(), clip_like(d=24)
+        return m
+    target = both()
+    with pytest.raises(ValueError, match=r"more than one preset fits this model whole \(timm_vit, hf_clip\)"):
+        add_pathways(target, both())
+    clip_layers = r"text\.encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)"
+    add_pathways(target, both(), PathwayConfig(target_modules=clip_layers))
+    assert len(pathway_names(target)) == 12 and all(n.startswith("text.") for n in pathway_names(target))
+
+
+@pytest.mark.parametrize("family", ["CLIP", "Siglip"])
+def test_hf_clip_and_siglip_vision_towers_get_every_block_linear(family, caplog):
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{family}VisionConfig")(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                            intermediate_size=64, image_size=32, patch_size=8)
+    make = lambda: getattr(transformers, f"{family}VisionModel")(config).eval()  # noqa: E731
+    target = make()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        y0 = target(pixel_values=x).last_hidden_state
+    with caplog.at_level("INFO", logger="m2pt_kernels"):
+        add_pathways(target, make())
+    names = pathway_names(target)
+    assert len(names) == 12 and {".".join(n.split(".")[-2:]) for n in names} == set(PRESETS["hf_clip"]), names
+    assert "preset 'hf_clip'" in caplog.text
+    with torch.no_grad():
+        torch.testing.assert_close(target(pixel_values=x).last_hidden_state, y0, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------- real timm / transformers models
@@ -714,3 +939,13 @@ def test_merge_pathways_refuses_sharded_layers_and_says_what_to_do():
         dist.destroy_process_group()
     plain.load_state_dict(merge_state_dict(sd))
     assert rel_err(plain(x), want) < 1e-5
+
+
+def test_error_parametrized_target_layer_before_any_change():
+    """A weight_norm'ed target layer is refused up front, naming it; the model is left as it was."""
+    model = ToyViT()
+    nn.utils.parametrizations.weight_norm(model.blocks[1].mlp.fc2)
+    before = [type(m).__name__ for m in model.modules()]
+    with pytest.raises(TypeError, match=r"'blocks\.1\.mlp\.fc2' computes its weight on every call"):
+        add_pathways(model, ToyViT())
+    assert [type(m).__name__ for m in model.modules()] == before
