@@ -1340,6 +1340,27 @@ def plan_cases(cases: list[Case], providers: list[str], device, peaks, args) -> 
 
 
 # ---------------------------------------------------------------------------- main
+def _list_of(choices, what: str):
+    """argparse type: a comma-separated subset of ``choices`` (an unknown name is a usage error naming it)."""
+    def parse(s: str) -> list:
+        items = [v.strip() for v in s.split(",") if v.strip()]
+        bad = [v for v in items if v not in choices]
+        if bad or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {bad or s!r}; choose from {','.join(choices)}")
+        return items
+    return parse
+
+
+def _token_counts(s: str) -> list:
+    try:
+        ms = [int(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        ms = []
+    if not ms or any(m < 1 for m in ms):
+        raise argparse.ArgumentTypeError(f"token counts must be positive integers, got {s!r}")
+    return ms
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m2pt bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1351,11 +1372,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     p.add_argument("--providers", default=None,
                    help=f"comma-separated subset of {','.join(PROVIDERS)} (default: all that can run)")
-    p.add_argument("--models", type=lambda s: s.split(","), default=None, help=f"filter: {','.join(MODELS)}")
-    p.add_argument("--layers", type=lambda s: s.split(","), default=None, help="filter: qkv,proj,fc1,fc2")
-    p.add_argument("--M", type=lambda s: [int(v) for v in s.split(",")], default=None, help="filter: token counts")
-    p.add_argument("--dtypes", type=lambda s: s.split(","), default=None, help="filter: bf16,fp16,fp32")
-    p.add_argument("--passes", type=lambda s: s.split(","), default=None, help="filter: fwd+bwd,fwd,bwd,probe")
+    p.add_argument("--models", type=_list_of(MODELS, "model(s)"), default=None, help=f"filter: {','.join(MODELS)}")
+    p.add_argument("--layers", type=_list_of(LAYERS, "layer(s)"), default=None, help=f"filter: {','.join(LAYERS)}")
+    p.add_argument("--M", type=_token_counts, default=None, help="filter: token counts")
+    p.add_argument("--dtypes", type=_list_of(DTYPES, "dtype(s)"), default=None, help=f"filter: {','.join(DTYPES)}")
+    p.add_argument("--passes", type=_list_of(PASSES, "pass(es)"), default=None, help=f"filter: {','.join(PASSES)}")
     p.add_argument("--aux", choices=("trainable", "frozen"), default=None, help="filter: aux trainable or frozen")
     p.add_argument("--budget-s", type=float, default=None,
                    help="drop the lowest-priority cases whose estimated cost does not fit; also stop "
@@ -1396,7 +1417,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> dict:
     t_start = time.perf_counter()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise SystemExit(f"m2pt bench: --device {args.device!r} is not a device torch knows ({exc})") from None
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"m2pt bench: --device {args.device!r}: the benchmarks run on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("m2pt bench: --device cuda, but torch sees no CUDA device here (torch.cuda.is_available() "
+                         "is False); use --device cpu")
     if args.max_reps is None:
         args.max_reps = 200 if device.type == "cuda" else 30
     if args.rounds is None:
@@ -1430,6 +1459,10 @@ def run(args) -> dict:
         cases = grid_from_lists(args)
     else:
         cases = filter_cases(full_grid() if args.mode == "full" and not args.tiny else quick_grid(device.type, args.tiny), args)
+    if not cases:
+        raise SystemExit("m2pt bench: no case matches --models/--layers/--M/--dtypes/--passes/--aux in this grid"
+                         f" ({'--tiny' if args.tiny else '--mode ' + args.mode}); widen the filters, or pass "
+                         "--grid explicit to time exactly the cross product of those lists")
     cases, dropped = plan_cases(cases, runnable, device, peaks, args)
 
     res = {

@@ -148,7 +148,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         save_checkpoint(merged, tmp)
         os.replace(tmp, dst)  # never a half-written OUT
-    except (OSError, ImportError, ValueError, TypeError) as exc:
+    except Exception as exc:  # noqa: BLE001 -- torch.save raises RuntimeError, safetensors its own error type
         raise UserError(f"m2pt merge: cannot write {dst!r}: {_one_line(exc)}") from None
     finally:
         if os.path.exists(tmp):
@@ -170,6 +170,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         raise UserError(f"m2pt demo: {_one_line(exc)}") from None
     except demo.DemoOptionError as exc:  # bad option values (steps < 1, device, --out, $M2PT_BACKEND, ...)
         raise UserError(f"m2pt demo: {_one_line(exc)}") from None
+    except demo.DemoCheckError as exc:  # the demo's own check of its results failed: not the user's error
+        print(f"error: m2pt demo: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -184,7 +187,10 @@ def cmd_bench(argv: Sequence[str]) -> int:
                         "(pip install 'm2pt_kernels[bench]')") from None
     try:
         rc = bench.main(list(argv))
-    except SystemExit as exc:  # argparse inside the suite: --help or a usage error
+    except SystemExit as exc:  # argparse inside the suite (--help, a usage error), or the suite's own message
+        if isinstance(exc.code, str):
+            msg = exc.code if exc.code.startswith("m2pt bench:") else f"m2pt bench: {exc.code}"
+            raise UserError(msg) from None
         rc = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else USER_ERROR)
     return int(rc or 0)
 
@@ -195,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     from m2pt_kernels import demo
 
     p = argparse.ArgumentParser(prog="m2pt", description="Multimodal Pathway (M2PT) kernels and tools.",
-                                epilog="exit codes: 0 ok, 2 user error")
+                                epilog="exit codes: 0 ok, 1 the demo's check of its own results failed, 2 user error")
     sub = p.add_subparsers(dest="command", metavar="{demo,info,merge,bench}")
     d = sub.add_parser("demo", help="end-to-end M2PT run: point-cloud auxiliary -> digit-image target",
                        description=demo.DESCRIPTION)

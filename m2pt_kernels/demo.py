@@ -72,6 +72,14 @@ class DemoOptionError(ValueError):
     """A bad option value (``m2pt demo`` prints it as one line and exits with code 2)."""
 
 
+class DemoCheckError(RuntimeError):
+    """A check the demo makes of its own results failed (``m2pt demo`` prints it and exits with code 1)."""
+
+
+# the merged model computes what the model with pathways computed: max |Δ logits| over the logits' scale
+MERGE_TOLERANCE = 1e-4
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help="a short run (under 1 minute on 2 CPU cores): 1 seed, fewer steps")
@@ -431,6 +439,11 @@ def _run(args: argparse.Namespace) -> dict:
             raise DemoOptionError(f"{name} must be >= 1, got {v}")
     if aux_steps < 0:
         raise DemoOptionError(f"--aux-steps must be >= 0, got {aux_steps}")
+    if args.timing_repeats < 1:
+        raise DemoOptionError(f"--timing-repeats must be >= 1, got {args.timing_repeats}")
+    for name, v in (("--lr", args.lr), ("--aux-lr", args.aux_lr), ("--scale-lr-mult", args.scale_lr_mult)):
+        if not (v > 0 and math.isfinite(v)):
+            raise DemoOptionError(f"{name} must be a positive number, got {v}")
     if args.threads is not None and args.threads < 1:
         raise DemoOptionError(f"--threads must be a positive integer, got {args.threads}")
     device = _pick_device(args.device)
@@ -508,7 +521,7 @@ def _run(args: argparse.Namespace) -> dict:
     reloaded.to(device).eval()
     with torch.no_grad():
         reload_diff = float((reloaded(x_te) - y_merged).abs().max())
-    repeats = max(1, args.timing_repeats)
+    repeats = args.timing_repeats
     baseline = kept["baseline"]
     timing = {}
     for name, m in (("baseline", baseline), ("merged", merged), ("unmerged_pathways", trained)):
@@ -583,6 +596,15 @@ def _run(args: argparse.Namespace) -> dict:
     print(f"report: {out / 'report.json'}" + (f", {png}" if "png" in report else "") +
           f", checkpoints {merged_path.name} (merged) and {pathway_path.name}")
     print(f"wall time {report['wall_time_s']:.1f} s")
+    scale = max(1.0, float(y_merged.abs().max()))
+    failed = [f"{what} = {diff:.3g}" for what, diff in (
+        ("max |logits(merged) - logits(pathways)| (eval path)", max_abs_diff),
+        ("the same on the training path", max_abs_diff_op),
+        ("max |logits(reloaded merged checkpoint) - logits(merged)|", reload_diff)) if not diff <= MERGE_TOLERANCE * scale]
+    if failed:
+        raise DemoCheckError(f"the merged model does not compute what the model with pathways did: {'; '.join(failed)} "
+                             f"(allowed {MERGE_TOLERANCE:g} x max(1, max |logits|) = {MERGE_TOLERANCE * scale:.3g}); "
+                             f"the report is in {out}")
     return report
 
 
@@ -592,7 +614,10 @@ def _load(path: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="m2pt demo", description=DESCRIPTION)
-    add_arguments(p)
-    run(p.parse_args(argv))
-    return 0
+    """``python -m m2pt_kernels.demo [ARGS]``: the same as ``m2pt demo [ARGS]`` (exit codes included)."""
+    from .cli import main as cli_main
+    return cli_main(["demo", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -338,12 +338,17 @@ def test_run_script_honours_out_forms_and_plans_without_a_gpu(tmp_path):
     assert bench.default_out(torch.device("cpu"), str(tmp_path)).startswith(str(tmp_path / ""))
 
 
-def _cpu_overhead_module():
+def _benchmark_script(name: str):
+    """A script of benchmarks/ imported as a module (benchmarks/ is not a package)."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location("m2pt_cpu_overhead", os.path.join(ROOT, "benchmarks", "cpu_overhead.py"))
+    spec = importlib.util.spec_from_file_location(f"m2pt_{name}", os.path.join(ROOT, "benchmarks", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _cpu_overhead_module():
+    return _benchmark_script("cpu_overhead")
 
 
 def test_cpu_overhead_benchmark_writes_paired_ratios(tmp_path):
@@ -371,3 +376,32 @@ def test_cpu_overhead_refuses_variants_that_differ(monkeypatch):
                         staticmethod(lambda ctx, dy: tuple(g * 2 if g is not None else g for g in backward(ctx, dy))))
     with pytest.raises(RuntimeError, match="the variants disagree"):
         mod.main(["--shapes", "8x8", "--rounds", "1", "--reps", "1"])
+
+
+def test_plot_script_on_every_committed_results_file(tmp_path, capsys):
+    """benchmarks/plot.py draws every committed m2pt-bench result; a cpu_overhead result or a group the file
+    does not hold is a one-line usage error (they used to be a ValueError traceback from deep inside)."""
+    pytest.importorskip("matplotlib")
+    plot = _benchmark_script("plot")
+    results = os.path.join(ROOT, "benchmarks", "results")
+    files = sorted(f for f in os.listdir(results) if f.endswith(".json"))
+    assert files
+    for name in files:
+        path = os.path.join(results, name)
+        with open(path) as f:
+            kind = json.load(f).get("kind")
+        if kind == "cpu_overhead":
+            with pytest.raises(SystemExit) as exc:
+                plot.main([path, "-o", str(tmp_path / "x.png")])
+            assert exc.value.code == 2 and "cpu_overhead.py result" in capsys.readouterr().err
+        else:
+            assert plot.main([path, "-o", str(tmp_path / f"{name}.png")]) == 0, name
+            assert (tmp_path / f"{name}.png").stat().st_size > 0
+    main_run = os.path.join(results, "2026-11-28-cpu2-reference-vs-paper.json")
+    for group in ("vit_b16", "vit_b16,bf16,fwd+bwd,trainable"):
+        with pytest.raises(SystemExit) as exc:
+            plot.main([main_run, "--group", group, "-o", str(tmp_path / "g.png")])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and f"--group {group!r} is not a group of this file" in err
+        assert "vit_b16,fp32,fwd+bwd,trainable" in err  # the groups it does hold
+    assert plot.main([main_run, "--group", "vit_s16,fp32,fwd+bwd,trainable", "-o", str(tmp_path / "s.png")]) == 0

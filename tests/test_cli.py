@@ -110,6 +110,10 @@ def test_demo_bad_options(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("argv,backend,in_err", [
+    (["--lr", "-1"], None, "--lr must be a positive number"),
+    (["--aux-lr", "0"], None, "--aux-lr must be a positive number"),
+    (["--scale-lr-mult", "nan"], None, "--scale-lr-mult must be a positive number"),
+    (["--timing-repeats", "0"], None, "--timing-repeats must be >= 1"),
     (["--threads", "-1"], None, "--threads"),
     (["--threads", "0"], None, "--threads"),
     (["--out", "{afile}"], None, "{afile}"),  # an existing regular file
@@ -180,6 +184,21 @@ def test_bench_forwards_its_arguments(monkeypatch, capsys):
 def test_bench_help_reaches_the_suite(capsys):
     rc, out, _ = _run(capsys, "bench", "--help")
     assert rc == 0 and "usage:" in out
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("m2pt_kernels.bench") is None,
+                    reason="m2pt_kernels.bench not in this tree")
+@pytest.mark.parametrize("argv,in_err", [
+    (["--providers", "foo"], "error: m2pt bench: unknown provider 'foo'"),  # used to print nothing
+    (["--models", "foo"], "unknown model(s) ['foo']"),  # used to time zero cases and exit 0
+    (["--layers", "qkv,nope"], "unknown layer(s) ['nope']"),
+    (["--M", "0"], "token counts must be positive integers"),
+    (["--models", "vit_b16"], "no case matches"),  # not in the --tiny grid
+    (["--device", "cuda"] if not torch.cuda.is_available() else ["--device", "nonsense"], "--device"),
+])
+def test_bench_user_errors_are_one_clear_line(argv, in_err, capsys):
+    rc, _, err = _run(capsys, "bench", "--tiny", "--device", "cpu", "--no-save", "--no-whole-model", *argv)
+    assert rc == 2 and in_err in err and "Traceback" not in err, err
 
 
 def test_bench_missing_module_is_a_clear_error(monkeypatch, capsys):
@@ -262,6 +281,25 @@ def test_merge_timm_pth_tar_checkpoint(tmp_path, capsys):
     assert not any(f.name.startswith(".") for f in tmp_path.iterdir())  # no temp files left behind
 
 
+@pytest.mark.parametrize("error", [RuntimeError("[enforce fail at inline_container.cc:626] . open file failed"),
+                                   type("SafetensorError", (Exception,), {})("Permission denied (os error 13)")])
+def test_merge_write_failure_is_one_line(error, tmp_path, capsys, monkeypatch):
+    """torch.save raises RuntimeError and safetensors its own Exception type on a read-only folder: both used to
+    escape as a traceback with exit 1."""
+    import m2pt_kernels.pathways as pathways
+    src = tmp_path / "train.safetensors"
+    _ours_checkpoint(src)
+
+    def failing_save(sd, path):
+        open(path, "wb").close()  # a partial file, as a failed write can leave
+        raise error
+
+    monkeypatch.setattr(pathways, "save_checkpoint", failing_save)
+    rc, _, err = _run(capsys, "merge", str(src), str(tmp_path / "merged.pth"))
+    assert rc == 2 and "cannot write" in err and str(error) in err and "Traceback" not in err, err
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["train.safetensors"]  # no OUT, no temp file
+
+
 def test_merge_bad_input(tmp_path, capsys):
     def err_of(*argv):
         rc, _, err = _run(capsys, "merge", *argv)
@@ -301,6 +339,35 @@ def test_merge_bad_input(tmp_path, capsys):
     assert out.read_bytes() != b"keep me"
     assert "same file" in err_of(str(good), str(good), "--force")
     assert not (tmp_path / "o.pth").exists()
+
+
+def test_demo_fails_when_its_merge_check_fails(monkeypatch, tmp_path, capsys):
+    """The demo checks what it reports: a merge that changes the function is exit 1, not a printed number."""
+    if not HAS_DEMO_DEPS:
+        pytest.skip("m2pt demo needs scikit-learn, matplotlib and safetensors")
+    import m2pt_kernels.pathways as pathways
+    real = pathways.merge_pathways
+
+    def corrupting_merge(model):
+        merged = real(model)
+        with torch.no_grad():
+            next(m for m in merged.modules() if isinstance(m, nn.Linear)).weight[0, 0] += 1.0
+        return merged
+
+    monkeypatch.setattr(pathways, "merge_pathways", corrupting_merge)
+    rc, out, err = _run(capsys, "demo", "--out", str(tmp_path), "--aux-steps", "1", "--steps", "2", "--seeds", "1",
+                        "--eval-every", "2", "--timing-repeats", "1", "--no-progress")
+    assert rc == 1 and "the merged model does not compute what the model with pathways did" in err, (out, err)
+    assert "Traceback" not in err and (tmp_path / "report.json").exists()
+
+
+def test_demo_as_a_module_runs_the_cli(tmp_path):
+    """python -m m2pt_kernels.demo used to import, do nothing and exit 0."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-m", "m2pt_kernels.demo", "--steps", "0", "--out", str(tmp_path / "r")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 2 and "error: m2pt demo: --steps must be >= 1" in r.stderr, r
 
 
 def test_demo_without_tqdm_and_matplotlib(monkeypatch, tmp_path, capsys):

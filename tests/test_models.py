@@ -179,6 +179,14 @@ def test_bad_sizes_are_named():
         PointCloudEmbed(num_groups=8, group_size=0)
     with pytest.raises(ValueError, match="PointCloudEmbed: fps_start must be 'farthest' or a point index"):
         PointCloudEmbed(fps_start="random")
+    # widths: a zero-width model used to build, a float width to fail inside torch.empty
+    for make in (lambda e: ImagePatchEmbed(32, 8, embed_dim=e), lambda e: AudioPatchEmbed(32, 32, embed_dim=e),
+                 lambda e: VideoTubeletEmbed(2, 16, 8, embed_dim=e), lambda e: PointCloudEmbed(4, 4, embed_dim=e)):
+        for bad in (0, 16.0):
+            with pytest.raises(ValueError, match=f"Embed: embed_dim must be a positive integer, got {bad}"):
+                make(bad)
+    with pytest.raises(ValueError, match="PointCloudEmbed: hidden must be a positive integer, got 0"):
+        PointCloudEmbed(4, 4, embed_dim=8, hidden=0)
     tok = PointCloudEmbed(num_groups=4, group_size=4, embed_dim=8, hidden=4, fps_start=60)
     with pytest.raises(ValueError, match="PointCloudEmbed: fps_start=60 is not a point index of clouds of 50"):
         tok(torch.randn(1, 50, 3))

@@ -101,6 +101,7 @@ class ImagePatchEmbed(_GridTokenizer):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768):
         super().__init__()
         name = type(self).__name__
+        embed_dim = _positive_int(embed_dim, "embed_dim", name)
         self.img_size, self.patch_size = _pair(img_size, "img_size", name), _pair(patch_size, "patch_size", name)
         self.in_chans = _positive_int(in_chans, "in_chans", name)
         for s, p in zip(self.img_size, self.patch_size):
@@ -126,6 +127,7 @@ class AudioPatchEmbed(_GridTokenizer):
     def __init__(self, n_freq=128, n_time=1024, patch_size=16, stride=10, embed_dim=768):
         super().__init__()
         name = type(self).__name__
+        embed_dim = _positive_int(embed_dim, "embed_dim", name)
         self.n_freq, self.n_time = _positive_int(n_freq, "n_freq", name), _positive_int(n_time, "n_time", name)
         self.patch_size, self.stride = _pair(patch_size, "patch_size", name), _pair(stride, "stride", name)
         if any(s > p for s, p in zip(self.stride, self.patch_size)):
@@ -153,6 +155,7 @@ class VideoTubeletEmbed(_GridTokenizer):
     def __init__(self, num_frames=16, img_size=224, patch_size=16, tubelet_size=2, in_chans=3, embed_dim=768):
         super().__init__()
         name = type(self).__name__
+        embed_dim = _positive_int(embed_dim, "embed_dim", name)
         self.num_frames = _positive_int(num_frames, "num_frames", name)
         self.img_size, self.patch_size = _pair(img_size, "img_size", name), _pair(patch_size, "patch_size", name)
         self.tubelet_size = _positive_int(tubelet_size, "tubelet_size", name)
@@ -250,7 +253,9 @@ class PointCloudEmbed(Tokenizer):
     the pooled feature to every point, second MLP, max-pool) turns each group into one token, and an
     MLP of the center coordinates gives its position embedding. Max-pooling makes each token
     independent of the order of points inside its group; with ``fps_start="farthest"`` the whole
-    tokenizer is invariant to the order of the input points.
+    tokenizer is invariant to the order of the input points, barring exact distance ties: in clouds
+    where several points are equally far (a regular lattice, voxel-grid coordinates) FPS and kNN take
+    the lowest index among them, so the order then picks which of the tied points are used.
     """
 
     modality = "point_cloud"
@@ -258,6 +263,8 @@ class PointCloudEmbed(Tokenizer):
     def __init__(self, num_groups=64, group_size=32, embed_dim=384, hidden=128, fps_start="farthest"):
         super().__init__()
         name = type(self).__name__
+        embed_dim = _positive_int(embed_dim, "embed_dim", name)
+        hidden = _positive_int(hidden, "hidden", name)
         self.num_groups = _positive_int(num_groups, "num_groups", name)
         self.group_size = _positive_int(group_size, "group_size", name)
         if not (_is_index(fps_start) or (isinstance(fps_start, str) and fps_start == "farthest")):
