@@ -339,8 +339,25 @@ def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathL
             seen.add(key)
             out[k] = t
         save_file(out, path)
+        # safetensors writes through a private temporary file (mode 0600): give the checkpoint the mode any
+        # new file gets (what torch.save's files get), so that a serving user can read a deployed model
+        os.chmod(path, 0o666 & ~_umask())
     else:
         torch.save(OrderedDict((k, v.detach()) for k, v in state_dict.items()), path)
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _pathway_prefixes(state_dict: Mapping[str, Tensor]) -> List[str]:

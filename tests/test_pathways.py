@@ -949,3 +949,20 @@ def test_error_parametrized_target_layer_before_any_change():
     with pytest.raises(TypeError, match=r"'blocks\.1\.mlp\.fc2' computes its weight on every call"):
         add_pathways(model, ToyViT())
     assert [type(m).__name__ for m in model.modules()] == before
+
+
+def test_safetensors_checkpoint_gets_the_usual_file_mode(tmp_path):
+    """safetensors writes through a 0600 temporary file: a deployed merged model was unreadable to other users."""
+    import os
+    import stat
+    sd = {"w": torch.randn(3, 2)}
+    save_checkpoint(sd, tmp_path / "a.safetensors")
+    torch.save(sd, tmp_path / "b.pth")
+    mode = lambda name: stat.S_IMODE(os.stat(tmp_path / name).st_mode)  # noqa: E731
+    assert mode("a.safetensors") == mode("b.pth")
+    old = os.umask(0o077)
+    try:
+        save_checkpoint(sd, tmp_path / "private.safetensors")
+    finally:
+        os.umask(old)
+    assert mode("private.safetensors") == 0o600
