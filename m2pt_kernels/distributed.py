@@ -6,9 +6,9 @@ the full W'. So it must be the same on every rank:
 
 - DDP broadcasts all buffers from rank 0 when it is constructed, and again before *every* forward
   unless ``broadcast_buffers=False`` (torch >= 2.14: ``forward_sync_buffers=False``). Re-sending W'
-  (the size of the model) each step is wasted bandwidth, since W' never changes. In torch < 2.14
-  ``broadcast_buffers=False`` also skips the broadcast at construction, so call
-  :func:`broadcast_aux_buffers` once before wrapping.
+  (the size of the model) each step is wasted bandwidth, since W' never changes. The older
+  ``broadcast_buffers=False`` (deprecated in torch 2.14, still honoured) also skips the broadcast at
+  construction, so with it call :func:`broadcast_aux_buffers` once before wrapping.
 - FSDP2 never touches buffers: ranks that built W' differently stay different. Call
   :func:`broadcast_aux_buffers` once after ``fully_shard`` (or load the same checkpoint on every
   rank); :func:`check_aux_buffers_consistent` verifies it.

@@ -158,8 +158,9 @@ class FusedCrossModalLinear(nn.Module):
     # ------------------------------------------------------------------ construction helpers
     def reset_parameters(self) -> None:
         """nn.Linear's initialization of W and b, λ back to ``scale_init``, and W' back to zeros when the
-        layer was built without one (``aux_weight=None``). A W' copied from an auxiliary model is left
-        alone: it is data, not an initialization (after ``to_empty`` load it with ``load_state_dict``).
+        layer was built without one (``aux_weight=None``) and none was loaded since. A W' copied from an
+        auxiliary model or loaded by ``load_state_dict`` is left alone: it is data, not an initialization
+        (after ``to_empty`` load it with ``load_state_dict``).
         Tensors on the meta device are skipped (this is what ``to_empty`` + ``reset_parameters`` of a
         meta-built model calls)."""
         self._cache = None
@@ -369,6 +370,8 @@ class FusedCrossModalLinear(nn.Module):
                 "their values. That is right for the target's own pretrained weights; a merged checkpoint "
                 "(W + λ·W' folded in) belongs in the plain model (load it there, or before add_pathways).",
                 stacklevel=2)
+        if prefix + "aux_weight" in state_dict:
+            self._aux_is_zeros = False  # W' now holds loaded data: reset_parameters leaves it alone
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         # load_state_dict(assign=True) puts the checkpoint's own tensor in place: keep λ at fp32 or wider

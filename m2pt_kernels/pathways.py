@@ -261,6 +261,10 @@ def _unwrap(obj, where: str) -> Dict[str, Tensor]:
         keys = list(obj.keys())[:10]
         raise ValueError(f"{where}: no tensors found (top-level keys: {keys}); expected a state_dict, or a "
                          f"checkpoint holding one under one of {list(_WRAPPER_KEYS)}")
+    # torch.optim.swa_utils.AveragedModel (EMA / SWA) keeps its model under ``module.`` next to its own
+    # ``n_averaged`` counter: that counter is not a weight of the model
+    if "n_averaged" in sd and any(k.startswith("module.") for k in sd):
+        del sd["n_averaged"]
     for prefix in _KEY_PREFIXES:
         if all(k.startswith(prefix) for k in sd):
             sd = OrderedDict((k[len(prefix):], v) for k, v in sd.items())
@@ -346,6 +350,11 @@ def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathL
         torch.save(OrderedDict((k, v.detach()) for k, v in state_dict.items()), path)
 
 
+def _is_dtensor(t) -> bool:
+    """A DTensor (FSDP2, tensor parallel), told without importing torch.distributed."""
+    return type(t).__name__ == "DTensor"
+
+
 def _umask() -> int:
     """The process's umask, read without changing it where Linux shows it (/proc), else set and restored."""
     try:
@@ -379,11 +388,20 @@ def is_pathway_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
 def merge_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
     """Fold every ``<p>.aux_weight`` and ``<p>.cross_modal_scale`` into ``<p>.weight`` (``W + λ·W'``,
     fp32 math, one cast to W's dtype) and drop the two keys. Works for this package's and the paper's
-    checkpoints; the input is not modified. The result loads into the unconverted architecture.
+    checkpoints; the input is not modified. The result loads into the unconverted architecture with the
+    same key prefixes: a DDP (``module.``) or torch.compile (``_orig_mod.``) model's ``state_dict()`` keeps
+    them (``load_checkpoint`` drops them when reading a file).
     """
     prefixes = _pathway_prefixes(state_dict)
     if not prefixes:
         raise ValueError(f"merge_state_dict: {_NO_PATHWAYS}")
+    sharded = [k for p in prefixes for k in (p + "weight", p + "aux_weight", p + "cross_modal_scale")
+               if _is_dtensor(state_dict.get(k))]
+    if sharded:
+        raise ValueError(
+            f"merge_state_dict: {sharded[0]!r} is a shard (DTensor: a sharded FSDP2 / tensor-parallel state_dict). "
+            "Merge the full state_dict: get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, "
+            "cpu_offload=True)) from torch.distributed.checkpoint.state_dict.")
     merged: Dict[str, Tensor] = {}
     for p in prefixes:
         layer = p[:-1] if p else "(top level)"
@@ -548,6 +566,11 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     config = PathwayConfig() if config is None else config
     if not isinstance(config, PathwayConfig):
         raise TypeError(f"add_pathways: config must be a PathwayConfig, got {type(config).__name__}")
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise TypeError(
+            "add_pathways: model is wrapped in DistributedDataParallel, which registered its parameters when it was "
+            "built: the new λ (and a trainable W') would never be all-reduced and would drift apart across ranks. "
+            "Add pathways to the plain model, then wrap it in DDP.")
     existing = [n for n, m in model.named_modules() if _is_pathway_module(m)]
     if existing:
         raise ValueError(
@@ -616,6 +639,17 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
                              "shapes (is the auxiliary model of the same width/size?)")
         if not aux_w.is_floating_point():
             raise TypeError(f"add_pathways: the auxiliary {key!r} is {aux_w.dtype}, not floating point")
+        if _is_dtensor(target.weight):
+            raise TypeError(
+                f"add_pathways: target layer {name!r} is already sharded (its weight is a DTensor: FSDP2's "
+                "fully_shard, or tensor parallelism). Add pathways to the plain model first, then shard it.")
+        if target.weight.is_meta and not aux_w.is_meta:
+            raise ValueError(
+                f"add_pathways: target layer {name!r} is on the meta device but the auxiliary {key!r} holds values: "
+                "the pathway layer keeps W' on its target's device, so the auxiliary weights would be dropped "
+                "(after to_empty W' would be uninitialized memory). Materialize the target first (to_empty, then "
+                "load its weights) and add pathways then; or build both on meta and load a checkpoint that has the "
+                "pathways (aux_weight / cross_modal_scale keys).")
         if aux_w.is_meta and not target.weight.is_meta:
             raise ValueError(
                 f"add_pathways: the auxiliary {key!r} (partner of {name!r}) is on the meta device: it holds no "
@@ -665,7 +699,7 @@ def merge_pathways(model: nn.Module) -> nn.Module:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
                          "CrossModalReparamLinear layers): it is already merged or a plain model")
     for name, m in found:
-        if any(type(t).__name__ == "DTensor" for t in (m.weight, m.aux_weight, m.cross_modal_scale)):
+        if any(_is_dtensor(t) for t in (m.weight, m.aux_weight, m.cross_modal_scale)):
             raise ValueError(
                 f"merge_pathways: {name!r} holds sharded tensors (DTensor: FSDP2 / tensor parallel), which can't "
                 "be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("

@@ -352,10 +352,14 @@ def test_reset_parameters_after_meta_construction(per_channel):
     assert torch.all(layer.cross_modal_scale == 0.25) and torch.equal(layer.aux_weight.detach(), torch.zeros(OUT, IN))
     assert torch.isfinite(layer.weight).all() and layer.weight.abs().max() <= 1 / IN ** 0.5
     assert torch.isfinite(layer.bias).all()
-    # a W' copied from an auxiliary model is data: reset_parameters leaves it alone
+    # a W' copied from an auxiliary model, or loaded into a layer built without one, is data: left alone
     _, aux, copied = make_layer()
     copied.reset_parameters()
     assert torch.equal(copied.aux_weight.detach(), aux.weight.detach()) and torch.all(copied.cross_modal_scale == 0)
+    loaded = FusedCrossModalLinear(IN, OUT)
+    loaded.load_state_dict(copied.state_dict())
+    loaded.reset_parameters()
+    assert torch.equal(loaded.aux_weight.detach(), aux.weight.detach())
 
 
 def test_inference_mode_then_grad_mode():

@@ -966,3 +966,58 @@ def test_safetensors_checkpoint_gets_the_usual_file_mode(tmp_path):
     finally:
         os.umask(old)
     assert mode("private.safetensors") == 0o600
+
+
+def test_error_target_on_meta_with_an_aux_that_has_values(tmp_path):
+    """W' lives on its target's device: on a meta target the auxiliary values were silently dropped (and after
+    to_empty W' was uninitialized memory)."""
+    _, aux = toy_pair()
+    with torch.device("meta"):
+        target = ToyViT()
+    for source in (aux, aux.state_dict()):
+        with pytest.raises(ValueError, match=r"target layer 'blocks\.0\.attn\.qkv' is on the meta device but the "
+                                             r"auxiliary 'blocks\.0\.attn\.qkv\.weight' holds values"):
+            add_pathways(target, source)
+        assert not pathway_names(target)
+
+
+def test_error_adding_pathways_to_a_wrapped_model(monkeypatch):
+    """After DDP the new λ would never be all-reduced; after fully_shard the weights are DTensors."""
+    target, aux = toy_pair()
+    fake_ddp = type("DistributedDataParallel", (nn.parallel.DistributedDataParallel,), {})
+    wrapped = nn.Module.__new__(fake_ddp)
+    nn.Module.__init__(wrapped)
+    wrapped.module = target
+    with pytest.raises(TypeError, match="wrapped in DistributedDataParallel.*Add pathways to the plain model, then wrap"):
+        add_pathways(wrapped, aux)
+    DTensor = type("DTensor", (torch.Tensor,), {})  # what the check looks for: the type's name, as for merge_pathways
+    qkv = target.blocks[1].attn.qkv
+    qkv.weight = nn.Parameter(qkv.weight.detach().as_subclass(DTensor))
+    with pytest.raises(TypeError, match=r"'blocks\.1\.attn\.qkv' is already sharded .*DTensor"):
+        add_pathways(target, aux)
+    assert not pathway_names(target)
+
+
+def test_merge_state_dict_refuses_a_sharded_state_dict():
+    target, aux = toy_pair()
+    sd = add_pathways(target, aux, PathwayConfig(aux_trainable=False)).state_dict()
+    DTensor = type("DTensor", (torch.Tensor,), {})
+    sd["blocks.0.mlp.fc1.weight"] = sd["blocks.0.mlp.fc1.weight"].as_subclass(DTensor)
+    with pytest.raises(ValueError, match=r"'blocks\.0\.mlp\.fc1\.weight' is a shard \(DTensor.*full_state_dict=True"):
+        merge_state_dict(sd)
+
+
+def test_averaged_model_checkpoint_loads_and_merges(tmp_path):
+    """torch.optim.swa_utils.AveragedModel (EMA) state_dicts: module.* keys next to n_averaged."""
+    target, aux = toy_pair()
+    add_pathways(target, aux, PathwayConfig(scale_init=0.3))
+    ema = torch.optim.swa_utils.AveragedModel(target)
+    path = tmp_path / "ema.pth"
+    torch.save(ema.state_dict(), path)
+    sd = load_checkpoint(path)
+    assert "n_averaged" not in sd and set(sd) == set(target.state_dict())
+    plain = ToyViT()
+    plain.load_state_dict(merge_state_dict(sd), strict=True)
+    x = torch.randn(2, 6, 10)
+    with torch.no_grad():
+        assert rel_err(plain(x), target(x)) < 1e-5
