@@ -30,16 +30,47 @@ def parser(doc: str) -> argparse.ArgumentParser:
                                    epilog="\n\n".join(rest))
 
 
+def _number(kind, s: str, ok, what: str):
+    """``kind(s)`` if it parses and ``ok`` holds, else argparse's one-line error naming the option."""
+    try:
+        v = kind(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {s!r}") from None
+    if not (ok(v) and (kind is int or math.isfinite(v))):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {s!r}")
+    return v
+
+
+def positive_int(s: str) -> int:
+    """argparse ``type=``: an integer >= 1 (sizes, steps, batch sizes, counts)."""
+    return _number(int, s, lambda v: v >= 1, "a positive integer")
+
+
+def nonnegative_int(s: str) -> int:
+    """argparse ``type=``: an integer >= 0."""
+    return _number(int, s, lambda v: v >= 0, "an integer >= 0")
+
+
+def positive_float(s: str) -> float:
+    """argparse ``type=``: a finite number > 0 (learning rates, multipliers)."""
+    return _number(float, s, lambda v: v > 0, "a finite number > 0")
+
+
+def nonnegative_float(s: str) -> float:
+    """argparse ``type=``: a finite number >= 0 (weight decay)."""
+    return _number(float, s, lambda v: v >= 0, "a finite number >= 0")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="vit_tiny_patch16_224", help="timm model name (default vit_tiny_patch16_224)")
     g.add_argument("--pretrained", action="store_true",
                    help="load timm's pretrained target weights (needs them in the local HF cache or network)")
     g.add_argument("--target-checkpoint", default=None, help="start the target from this checkpoint instead")
-    g.add_argument("--img-size", type=int, default=None, help="override the model's image size (e.g. 32)")
-    g.add_argument("--patch-size", type=int, default=None, help="override the patch size")
-    g.add_argument("--depth", type=int, default=None, help="override the number of blocks (tiny test runs)")
-    g.add_argument("--num-classes", type=int, default=10)
+    g.add_argument("--img-size", type=positive_int, default=None, help="override the model's image size (e.g. 32)")
+    g.add_argument("--patch-size", type=positive_int, default=None, help="override the patch size")
+    g.add_argument("--depth", type=positive_int, default=None, help="override the number of blocks (tiny test runs)")
+    g.add_argument("--num-classes", type=positive_int, default=10)
 
 
 def create_timm_model(args):
@@ -53,11 +84,19 @@ def create_timm_model(args):
     except Exception as exc:  # unknown name, no weights offline, ...
         sys.exit(f"error: timm.create_model({args.model!r}, pretrained={args.pretrained}, {kwargs}) failed: "
                  f"{' '.join(str(exc).split())[:300]}")
+    pe = getattr(model, "patch_embed", None)
+    img, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
+    if img is not None and patch is not None and any(p > i for p, i in zip(patch, img)):
+        sys.exit(f"error: --patch-size {patch[0]} is larger than the image ({img[0]} pixels, --img-size); "
+                 "no patch would fit")
     if getattr(args, "target_checkpoint", None):
         from m2pt_kernels.pathways import load_checkpoint
-        sd = load_checkpoint(args.target_checkpoint)
-        sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # new task, new head
-        missing, unexpected = model.load_state_dict(sd, strict=False)
+        try:
+            sd = load_checkpoint(args.target_checkpoint)
+            sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # new task, new head
+            missing, unexpected = model.load_state_dict(sd, strict=False)
+        except Exception as exc:  # unreadable file, shapes that don't fit the model, ...
+            sys.exit(f"error: --target-checkpoint {args.target_checkpoint}: {' '.join(str(exc).split())[:400]}")
         print(f"target weights from {args.target_checkpoint}: missing {len(missing)} (head expected), "
               f"unexpected {len(unexpected)}")
     return model
@@ -68,7 +107,7 @@ def add_data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--synthetic", action="store_true",
                    help="synthetic class-dependent images (no dataset needed; checks the pipeline)")
     g.add_argument("--data-dir", default=None, help="an ImageFolder root with train/ and val/ (needs torchvision)")
-    g.add_argument("--synthetic-size", type=int, default=512, help="number of synthetic training images")
+    g.add_argument("--synthetic-size", type=positive_int, default=512, help="number of synthetic training images")
 
 
 def _synthetic(n: int, num_classes: int, img_size: int, seed: int):
@@ -129,12 +168,12 @@ def make_loaders(args, model):
 
 def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
     g = p.add_argument_group("training")
-    g.add_argument("--steps", type=int, default=steps)
-    g.add_argument("--batch-size", type=int, default=32)
-    g.add_argument("--lr", type=float, default=lr, help=f"base learning rate (default {lr})")
-    g.add_argument("--scale-lr-mult", type=float, default=10.0, help="λ's learning rate = lr x this")
-    g.add_argument("--weight-decay", type=float, default=0.05)
-    g.add_argument("--workers", type=int, default=2, help="DataLoader workers (--data-dir)")
+    g.add_argument("--steps", type=positive_int, default=steps)
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--lr", type=positive_float, default=lr, help=f"base learning rate (default {lr})")
+    g.add_argument("--scale-lr-mult", type=positive_float, default=10.0, help="λ's learning rate = lr x this")
+    g.add_argument("--weight-decay", type=nonnegative_float, default=0.05)
+    g.add_argument("--workers", type=nonnegative_int, default=2, help="DataLoader workers (--data-dir)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--amp", action="store_true", help="bf16 autocast (CUDA)")
     g.add_argument("--seed", type=int, default=0)
@@ -145,7 +184,8 @@ def add_train_args(p: argparse.ArgumentParser, lr: float, steps: int) -> None:
 
 def check_checkpoint_path(path: str, what: str) -> None:
     """Exit with a clear message, before any work, when ``path`` can't take a checkpoint:
-    a format ``m2pt merge`` would not read, a folder, or a missing parent folder."""
+    a format ``m2pt merge`` would not read, a folder, a missing or read-only parent folder
+    (a symlink's: the file is written through it), or a read-only existing file."""
     from m2pt_kernels.pathways import checkpoint_format
 
     try:
@@ -157,6 +197,33 @@ def check_checkpoint_path(path: str, what: str) -> None:
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         sys.exit(f"error: {what} {path!r}: the folder {folder!r} does not exist; create it first")
+    target = os.path.realpath(path)
+    if os.path.dirname(target) != os.path.realpath(folder):  # a symlink: written where it points
+        folder = os.path.dirname(target)
+        if not os.path.isdir(folder):
+            sys.exit(f"error: {what} {path!r} is a link to {target!r}, whose folder does not exist")
+    if os.path.exists(target) and not os.access(target, os.W_OK):
+        sys.exit(f"error: {what} {path!r} exists and is not writable")
+    if not os.path.exists(target) and not os.access(folder, os.W_OK | os.X_OK):
+        sys.exit(f"error: {what} {path!r}: the folder {folder!r} is not writable")
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether writing ``b`` would overwrite ``a``: the same path, a symlink to it, or a hard link."""
+    if os.path.abspath(a) == os.path.abspath(b) or os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def write_checkpoint(write, path: str, what: str) -> None:
+    """``write()`` (which writes ``path``); any failure is a one-line error naming ``what`` and a nonzero exit."""
+    try:
+        write()
+    except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError, ...
+        sys.exit(f"error: {what}: cannot write {path!r}: {' '.join(str(exc).split())[:400]}")
 
 
 def check_device(name: str) -> torch.device:
@@ -183,8 +250,16 @@ def check_device(name: str) -> torch.device:
 def check_train_args(args) -> None:
     """The checks of add_train_args' options that can be made before the model is built and trained."""
     check_device(args.device)
+    inputs = {"--target-checkpoint": getattr(args, "target_checkpoint", None),
+              "--aux-checkpoint": getattr(args, "aux_checkpoint", None)}
+    for opt, path in inputs.items():
+        if path and not os.path.isfile(path):
+            sys.exit(f"error: {opt} {path!r}: no such file")
     if args.out:
         check_checkpoint_path(args.out, "--out")
+        for opt, path in inputs.items():
+            if path and same_file(path, args.out):
+                sys.exit(f"error: --out {args.out!r} is the {opt} file itself; write the checkpoint elsewhere")
 
 
 def add_aux_args(p: argparse.ArgumentParser, *, aux_trainable_choice: bool = True) -> None:
@@ -274,10 +349,11 @@ def print_scales(model):
 def save(model, args, extra=None):
     if not args.out:
         return
-    from m2pt_kernels.pathways import save_checkpoint
+    from m2pt_kernels.pathways import checkpoint_format, save_checkpoint
     sd = model.state_dict()
-    if args.out.endswith(".safetensors"):
-        save_checkpoint(sd, args.out)
+    if checkpoint_format(args.out) == ".safetensors":  # the package's reading of the suffix (any case)
+        write_checkpoint(lambda: save_checkpoint(sd, args.out), args.out, "--out")
     else:  # the paper's layout: {"model": state_dict, ...}; m2pt merge and load_checkpoint unwrap it
-        torch.save({"model": {k: v.detach().cpu() for k, v in sd.items()}, **(extra or {})}, args.out)
+        write_checkpoint(lambda: torch.save({"model": {k: v.detach().cpu() for k, v in sd.items()}, **(extra or {})},
+                                            args.out), args.out, "--out")
     print(f"training checkpoint written to {args.out} (fold the pathways with: m2pt merge {args.out} MERGED)")

@@ -48,12 +48,13 @@ def main(argv=None) -> int:
     p.add_argument("output", help="merged checkpoint to write (.safetensors or .pth)")
     p.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     p.add_argument("--model", default=None, help="timm model name to verify against (optional; needs timm)")
-    p.add_argument("--num-classes", type=int, default=None, help="the model's head size (default: from the checkpoint)")
-    p.add_argument("--img-size", type=int, default=None)
-    p.add_argument("--patch-size", type=int, default=None)
-    p.add_argument("--depth", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8, help="batch of random inputs for the check")
-    p.add_argument("--repeats", type=int, default=10, help="timed forward passes per model")
+    p.add_argument("--num-classes", type=common.nonnegative_int, default=None,
+                   help="the model's head size (default: from the checkpoint; 0: no head)")
+    p.add_argument("--img-size", type=common.positive_int, default=None)
+    p.add_argument("--patch-size", type=common.positive_int, default=None)
+    p.add_argument("--depth", type=common.positive_int, default=None)
+    p.add_argument("--batch-size", type=common.positive_int, default=8, help="batch of random inputs for the check")
+    p.add_argument("--repeats", type=common.positive_int, default=10, help="timed forward passes per model")
     p.add_argument("--device", default=None, help="device for the check (default: cuda if available)")
     args = p.parse_args(argv)
 
@@ -62,17 +63,25 @@ def main(argv=None) -> int:
     from m2pt_kernels.pathways import (PathwayConfig, add_pathways, is_pathway_state_dict, load_checkpoint,
                                        merge_state_dict, save_checkpoint)
 
-    if os.path.abspath(args.checkpoint) == os.path.abspath(args.output):
-        sys.exit("error: OUTPUT is the checkpoint itself; write the merged weights elsewhere")
+    if common.same_file(args.checkpoint, args.output):  # also a symlink or hard link to it: never overwritten
+        sys.exit(f"error: OUTPUT {args.output!r} is the checkpoint itself (the same file); "
+                 "write the merged weights elsewhere")
     common.check_checkpoint_path(args.output, "OUTPUT")
     if os.path.exists(args.output) and not args.force:
         sys.exit(f"error: {args.output} exists (pass --force to overwrite)")
-    if args.model is not None and args.device is not None:
-        common.check_device(args.device)
+    if args.model is not None:
+        try:
+            import timm
+        except ImportError:
+            sys.exit("error: --model needs timm (pip install timm); without --model the merge itself needs no timm")
+        if not timm.is_model(args.model):
+            sys.exit(f"error: --model {args.model!r} is not a timm model name (see timm.list_models())")
+        if args.device is not None:
+            common.check_device(args.device)
     try:
         sd = load_checkpoint(args.checkpoint)
     except Exception as exc:
-        sys.exit(f"error: cannot read {args.checkpoint}: {exc}")
+        sys.exit(f"error: cannot read {args.checkpoint}: {' '.join(str(exc).split())}")
     if not is_pathway_state_dict(sd):
         sys.exit(f"error: {args.checkpoint} has no pathways (no *.aux_weight / *.cross_modal_scale keys): nothing to merge")
     layers = [k[: -len(".cross_modal_scale")] for k in sd if k.endswith(".cross_modal_scale")]
@@ -80,10 +89,7 @@ def main(argv=None) -> int:
         merged = merge_state_dict(sd)
     except ValueError as exc:  # a pathway whose tensors don't fit together (shapes, λ size, ...)
         sys.exit(f"error: cannot merge {args.checkpoint}: {' '.join(str(exc).split())}")
-    try:
-        save_checkpoint(merged, args.output)
-    except (OSError, RuntimeError, ImportError, ValueError, TypeError) as exc:
-        sys.exit(f"error: cannot write {args.output}: {' '.join(str(exc).split())}")
+    common.write_checkpoint(lambda: save_checkpoint(merged, args.output), args.output, "OUTPUT")
     scales = torch.stack([sd[f"{n}.cross_modal_scale"].float().mean() for n in layers])
     print(f"merged {len(layers)} pathway layers (λ mean {scales.mean():+.4f}, |λ| max {scales.abs().max():.4f}); "
           f"{len(sd)} -> {len(merged)} tensors; wrote {args.output}")
@@ -91,16 +97,16 @@ def main(argv=None) -> int:
         print("not verified (pass --model NAME to load the result into the timm architecture and compare outputs)")
         return 0
 
-    try:
-        import timm
-    except ImportError:
-        sys.exit("error: --model needs timm (pip install timm); the merged checkpoint was written, unverified")
     kwargs = {k: getattr(args, k) for k in ("img_size", "patch_size", "depth") if getattr(args, k) is not None}
     head = next((k for k in ("head.weight", "fc.weight", "classifier.weight") if k in merged), None)
     kwargs["num_classes"] = args.num_classes if args.num_classes is not None else (merged[head].shape[0] if head else 0)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    plain = timm.create_model(args.model, pretrained=False, **kwargs)
+    try:
+        plain = timm.create_model(args.model, pretrained=False, **kwargs)
+    except Exception as exc:  # options the architecture refuses (sizes, ...)
+        sys.exit(f"error: timm.create_model({args.model!r}, {kwargs}) failed: {' '.join(str(exc).split())[:300]}; "
+                 f"the merged checkpoint was written, unverified")
     try:
         plain.load_state_dict(merged, strict=True)
     except RuntimeError as exc:
@@ -110,9 +116,13 @@ def main(argv=None) -> int:
     with_pathways = timm.create_model(args.model, pretrained=False, **kwargs)
     aux_sd = {f"{n}.weight": sd[f"{n}.aux_weight"] for n in layers}
     per_channel = any(sd[f"{n}.cross_modal_scale"].numel() > 1 for n in layers)
-    add_pathways(with_pathways, aux_sd, PathwayConfig(target_modules=layers, exclude_modules=(),
-                                                      per_channel_scale=per_channel))
-    missing, unexpected = with_pathways.load_state_dict(sd, strict=False)
+    try:
+        add_pathways(with_pathways, aux_sd, PathwayConfig(target_modules=layers, exclude_modules=(),
+                                                          per_channel_scale=per_channel))
+        missing, unexpected = with_pathways.load_state_dict(sd, strict=False)
+    except (ValueError, TypeError, RuntimeError) as exc:
+        sys.exit(f"error: the training checkpoint does not fit {args.model}({kwargs}) with pathways: "
+                 f"{' '.join(str(exc).split())[:400]}")
     if missing or unexpected:
         sys.exit(f"error: the training checkpoint does not match {args.model}: missing {missing[:5]}, "
                  f"unexpected {unexpected[:5]}")

@@ -37,6 +37,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a source checkout
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import _example_common as common  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,17 +48,21 @@ def parse_args(argv=None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--strategy", choices=("ddp", "fsdp2"), default="ddp",
                    help="DistributedDataParallel, or FSDP2 (torch.distributed.fsdp.fully_shard per block)")
-    p.add_argument("--steps", type=int, default=20, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="samples per process per micro-batch")
-    p.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--img-size", type=int, default=32)
-    p.add_argument("--patch-size", type=int, default=4)
-    p.add_argument("--embed-dim", type=int, default=64)
-    p.add_argument("--depth", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--num-classes", type=int, default=10)
+    pos_int, pos_float = common.positive_int, common.positive_float
+    p.add_argument("--steps", type=pos_int, default=20, help="optimizer steps")
+    p.add_argument("--batch-size", type=pos_int, default=8, help="samples per process per micro-batch")
+    p.add_argument("--grad-accum", type=pos_int, default=1, help="micro-batches per optimizer step")
+    p.add_argument("--lr", type=pos_float, default=1e-3)
+    p.add_argument("--scale-lr-mult", type=pos_float, default=10.0,
+                   help="λ's learning rate = lr x this (pathways.param_groups; λ gets no weight decay)")
+    p.add_argument("--weight-decay", type=common.nonnegative_float, default=0.05,
+                   help="for weight matrices only (not biases, norms, position embeddings, tokens or λ)")
+    p.add_argument("--img-size", type=pos_int, default=32)
+    p.add_argument("--patch-size", type=pos_int, default=4)
+    p.add_argument("--embed-dim", type=pos_int, default=64)
+    p.add_argument("--depth", type=pos_int, default=4)
+    p.add_argument("--heads", type=pos_int, default=4)
+    p.add_argument("--num-classes", type=pos_int, default=10)
     p.add_argument("--aux-checkpoint", default=None,
                    help="state_dict of the auxiliary model (.pt/.pth/.safetensors); default: random weights")
     p.add_argument("--aux-trainable", action="store_true", help="train W' too (a Parameter, not a buffer)")
@@ -70,10 +77,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kernel-backend", default="auto", choices=("auto", "reference", "triton", "cuda"),
                    help="m2pt_kernels backend (auto: triton on CUDA, reference on the CPU)")
     p.add_argument("--save", default=None,
-                   help="write the full (unsharded) model state_dict here at the end (rank 0)")
+                   help="write the full (unsharded) model state_dict here at the end (rank 0); the suffix sets "
+                        "the format: .safetensors, or .pt/.pth/.bin/.ckpt/.pth.tar (torch.save)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--log-every", type=int, default=5)
+    p.add_argument("--log-every", type=pos_int, default=5, help="print every this many steps (rank 0)")
     return p.parse_args(argv)
+
+
+def check_args(args) -> None:
+    """What can be refused before any process group, model or step: a one-line error, the same on every rank."""
+    if args.embed_dim % args.heads:
+        sys.exit(f"error: --embed-dim {args.embed_dim} is not divisible by --heads {args.heads}")
+    if args.img_size % args.patch_size:
+        sys.exit(f"error: --img-size {args.img_size} is not a multiple of --patch-size {args.patch_size}")
+    if args.kernel_backend != "auto":
+        import m2pt_kernels
+        ok, why = m2pt_kernels.backend_status()[args.kernel_backend]
+        if not ok:
+            sys.exit(f"error: --kernel-backend {args.kernel_backend} is not available here: {why} "
+                     f"(available: {', '.join(m2pt_kernels.available_backends())}, or auto)")
+    if args.aux_checkpoint and not os.path.isfile(args.aux_checkpoint):
+        sys.exit(f"error: --aux-checkpoint {args.aux_checkpoint!r}: no such file")
+    if args.save:
+        common.check_checkpoint_path(args.save, "--save")
+        if args.aux_checkpoint and common.same_file(args.aux_checkpoint, args.save):
+            sys.exit(f"error: --save {args.save!r} is the --aux-checkpoint file itself; write the model elsewhere")
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -109,10 +137,22 @@ def build_model(args, device):
     aux = vit_for_point_clouds(num_groups=16, group_size=16, embed_dim=args.embed_dim, depth=args.depth,
                                num_heads=args.heads, num_classes=40)
     config = PathwayConfig(aux_trainable=args.aux_trainable, per_channel_scale=args.per_channel_scale)
-    add_pathways(target, args.aux_checkpoint or aux, config)
+    try:
+        add_pathways(target, args.aux_checkpoint or aux, config)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:  # e.g. a checkpoint of another shape
+        sys.exit(f"error: add_pathways: {' '.join(str(exc).split())}")
     if args.only_scales:
         mark_only_scales_trainable(target)
     return target.to(device)
+
+
+def make_optimizer(model, args) -> torch.optim.Optimizer:
+    """AdamW on ``pathways.param_groups``: λ gets no weight decay (decay would pull every pathway back
+    to 0) and ``lr x --scale-lr-mult``; biases, norms, position embeddings and the class token get no
+    decay; weight matrices decay. Only trainable parameters (``--only-scales``: λ and the head)."""
+    from m2pt_kernels.pathways import param_groups
+    return torch.optim.AdamW(param_groups(model, args.lr, weight_decay=args.weight_decay,
+                                          scale_lr_mult=args.scale_lr_mult))
 
 
 def _checkpointed(block: nn.Module) -> None:
@@ -170,8 +210,7 @@ def full_state_dict(model) -> dict:
 # ------------------------------------------------------------------------------------------ main
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    if args.grad_accum < 1 or args.steps < 1 or args.batch_size < 1:
-        raise SystemExit("--steps, --batch-size and --grad-accum must be >= 1")
+    check_args(args)
     device, backend = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
     import m2pt_kernels
@@ -179,8 +218,7 @@ def main(argv=None) -> dict:
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     n_aux_buf = sum(b.numel() for n, b in model.named_buffers() if n.endswith("aux_weight"))
     wrapped, inner = wrap(model, args, device)
-    opt = torch.optim.AdamW([p for p in inner.parameters() if p.requires_grad], lr=args.lr,
-                            weight_decay=args.weight_decay)
+    opt = make_optimizer(inner, args)
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype is torch.float16)
     if rank == 0:
@@ -228,16 +266,22 @@ def main(argv=None) -> dict:
     elapsed = time.perf_counter() - t0
 
     from m2pt_kernels.distributed import check_aux_buffers_consistent
+    from m2pt_kernels.pathways import save_checkpoint
     check_aux_buffers_consistent(inner)  # the frozen W' is still identical everywhere
     state = full_state_dict(inner) if args.save else None  # collective under FSDP2: every rank calls it
     summary = {"final_loss": losses[-1], "first_loss": losses[0], "steps": args.steps, "world_size": world,
                "strategy": args.strategy, "backend": backend, "amp": args.amp, "seconds": round(elapsed, 3),
                "finite": all(math.isfinite(v) for v in losses)}
+    save_error = None
     if rank == 0:
         if state is not None:
-            torch.save(state, args.save)
-            summary["saved"] = args.save
-        print(json.dumps(summary), flush=True)
+            try:  # a state_dict of tensors: the format follows the suffix, as load_checkpoint reads it
+                save_checkpoint(state, args.save)
+                summary["saved"] = args.save
+            except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError, ...
+                save_error = f"error: --save: cannot write {args.save!r}: {' '.join(str(exc).split())[:400]}"
+        if save_error is None:
+            print(json.dumps(summary), flush=True)
     # The checkpoint wrappers make each block a reference cycle, so without this the DDP reducer (which
     # holds the gloo process group and its worker threads) is freed only at interpreter shutdown, where
     # the gloo threads can be destroyed unjoined ("terminate called without an active exception",
@@ -246,6 +290,8 @@ def main(argv=None) -> dict:
     gc.collect()
     dist.barrier()
     dist.destroy_process_group()
+    if save_error:
+        sys.exit(save_error)
     return summary
 
 
