@@ -97,12 +97,22 @@ def _same_tensor(key, t: Tensor) -> bool:
 
 
 def computed_weights(linear: nn.Module) -> list:
-    """The names among ``weight`` / ``bias`` whose value ``linear`` computes on every call (a
-    parametrization such as ``weight_norm`` / ``spectral_norm``, or the older hook-based ones) instead
-    of holding it as a Parameter: a pathway layer built from them would train a frozen snapshot."""
+    """The names among ``weight`` / ``bias`` whose value ``linear`` computes on every call instead of
+    holding it as a Parameter: a parametrization (``parametrizations.weight_norm`` / ``spectral_norm``)
+    or the older hook-based ``torch.nn.utils.weight_norm`` / ``spectral_norm`` (a plain tensor attribute
+    that a forward pre-hook recomputes). A pathway layer built from them would train a frozen snapshot."""
     from torch.nn.utils import parametrize
     return [n for n in ("weight", "bias") if parametrize.is_parametrized(linear, n)
-            or (isinstance(getattr(linear, n, None), Tensor) and getattr(linear, n).grad_fn is not None)]
+            or (isinstance(getattr(linear, n, None), Tensor) and linear._parameters.get(n) is None
+                and n not in linear._buffers)]
+
+
+def remove_computed_hint(linear: nn.Module, name: str) -> str:
+    """How to turn ``linear.<name>`` back into a plain Parameter (see ``computed_weights``)."""
+    from torch.nn.utils import parametrize
+    if parametrize.is_parametrized(linear, name):
+        return f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})"
+    return "torch.nn.utils.remove_weight_norm(module) / remove_spectral_norm(module), whichever hook it has"
 
 
 class FusedCrossModalLinear(nn.Module):
@@ -232,8 +242,8 @@ class FusedCrossModalLinear(nn.Module):
             raise TypeError(
                 f"FusedCrossModalLinear.from_linear: {type(linear).__name__}.{computed[0]} is computed on every call "
                 "(a parametrization such as weight_norm / spectral_norm, or a hook), not a Parameter: the pathway "
-                "layer would train a frozen snapshot of it. Remove it first (torch.nn.utils.parametrize."
-                f"remove_parametrizations(layer, {computed[0]!r})), or leave this layer out of target_modules")
+                f"layer would train a frozen snapshot of it. Remove it first ({remove_computed_hint(linear, computed[0])}"
+                "), or leave this layer out of target_modules")
         bias = getattr(linear, "bias", None)
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, aux_trainable=aux_trainable,
                     scale_init=scale_init, per_channel_scale=per_channel_scale, device="meta", dtype=weight.dtype)

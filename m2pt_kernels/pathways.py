@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .layers import FusedCrossModalLinear, computed_weights
+from .layers import FusedCrossModalLinear, computed_weights, remove_computed_hint
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
@@ -190,6 +190,9 @@ def _pick_preset(model: nn.Module, exclude) -> str:
     linears = _linear_names(model)
     found = {p: [suf for suf in sufs if any(_suffix_match(n, suf) for n in linears)] for p, sufs in PRESETS.items()}
     whole = [p for p, sufs in PRESETS.items() if len(found[p]) == len(sufs)]
+    if len(whole) > 1:  # a model with two families: what the user excluded may leave one of them whole
+        kept = [n for n in linears if not _excluded(n, exclude)]
+        whole = [p for p in whole if all(any(_suffix_match(n, suf) for n in kept) for suf in PRESETS[p])] or whole
     if len(whole) == 1:
         return whole[0]
     if len(whole) > 1:
@@ -480,6 +483,13 @@ def _align_names(selected: List[str], aux_keys: Iterable[str], where: str) -> Tu
     if most <= exact:
         return "", ""
     pairing = sorted(pair for pair, h in hits.items() if h == most)
+    if len(pairing) > 1 and all(not aux_pre for _, aux_pre in pairing):
+        # the target holds the towers (``image.`` and ``video.``), each pairing with the one auxiliary model
+        towers = ", ".join(repr(target_pre) for target_pre, _ in pairing)
+        raise ValueError(
+            f"add_pathways: the target holds more than one set of layers that pairs with {where} by name (its "
+            f"{towers} sub-models); add pathways to each tower you mean, e.g. add_pathways(model.image, aux), or "
+            "pick its layers with target_modules.")
     if len(pairing) > 1:
         # e.g. an auxiliary model with ``video.`` and ``audio.`` towers of one architecture: which
         # one is meant is the user's choice, never the alphabet's
@@ -611,8 +621,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
             raise TypeError(
                 f"add_pathways: {name!r} computes its {computed[0]} on every call (a parametrization such as "
                 "weight_norm / spectral_norm, or a hook): a pathway layer would train a frozen snapshot of it. Remove "
-                f"it first (torch.nn.utils.parametrize.remove_parametrizations(module, {computed[0]!r})) or exclude "
-                "the layer.")
+                f"it first ({remove_computed_hint(m, computed[0])}) or exclude the layer.")
     aux_keys = list(aux_sd)
     strip, add = _align_names(selected, aux_keys, where)
     hits = sum(((add + n[len(strip):]) if n.startswith(strip) else n) + ".weight" in aux_sd for n in selected)

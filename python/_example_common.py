@@ -250,16 +250,21 @@ def check_device(name: str) -> torch.device:
 def check_train_args(args) -> None:
     """The checks of add_train_args' options that can be made before the model is built and trained."""
     check_device(args.device)
-    inputs = {"--target-checkpoint": getattr(args, "target_checkpoint", None),
-              "--aux-checkpoint": getattr(args, "aux_checkpoint", None)}
+    check_checkpoint_options({"--target-checkpoint": getattr(args, "target_checkpoint", None),
+                              "--aux-checkpoint": getattr(args, "aux_checkpoint", None)}, "--out", args.out)
+
+
+def check_checkpoint_options(inputs: dict, out_opt: str, out) -> None:
+    """Input checkpoints (option -> path or None) exist; the output path (``out_opt``) can take a checkpoint
+    and is none of the inputs."""
     for opt, path in inputs.items():
         if path and not os.path.isfile(path):
             sys.exit(f"error: {opt} {path!r}: no such file")
-    if args.out:
-        check_checkpoint_path(args.out, "--out")
+    if out:
+        check_checkpoint_path(out, out_opt)
         for opt, path in inputs.items():
-            if path and same_file(path, args.out):
-                sys.exit(f"error: --out {args.out!r} is the {opt} file itself; write the checkpoint elsewhere")
+            if path and same_file(path, out):
+                sys.exit(f"error: {out_opt} {out!r} is the {opt} file itself; write the checkpoint elsewhere")
 
 
 def add_aux_args(p: argparse.ArgumentParser, *, aux_trainable_choice: bool = True) -> None:

@@ -96,12 +96,7 @@ def check_args(args) -> None:
         if not ok:
             sys.exit(f"error: --kernel-backend {args.kernel_backend} is not available here: {why} "
                      f"(available: {', '.join(m2pt_kernels.available_backends())}, or auto)")
-    if args.aux_checkpoint and not os.path.isfile(args.aux_checkpoint):
-        sys.exit(f"error: --aux-checkpoint {args.aux_checkpoint!r}: no such file")
-    if args.save:
-        common.check_checkpoint_path(args.save, "--save")
-        if args.aux_checkpoint and common.same_file(args.aux_checkpoint, args.save):
-            sys.exit(f"error: --save {args.save!r} is the --aux-checkpoint file itself; write the model elsewhere")
+    common.check_checkpoint_options({"--aux-checkpoint": args.aux_checkpoint}, "--save", args.save)
 
 
 # ------------------------------------------------------------------------------------------ setup

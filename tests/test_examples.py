@@ -308,6 +308,10 @@ def test_train_torchrun_refuses_bad_options_before_setup(tmp_path, monkeypatch, 
            (["--embed-dim", "30", "--heads", "4"], "--embed-dim 30 is not divisible by --heads 4"),
            (["--img-size", "30", "--patch-size", "4"], "--img-size 30 is not a multiple of --patch-size 4"),
            (["--aux-checkpoint", str(tmp_path / "missing.pt")], "no such file")]
+    (tmp_path / "aux.pt").write_bytes(b"x")
+    bad.append((["--aux-checkpoint", str(tmp_path / "aux.pt"), "--save", str(tmp_path / "sub" / ".." / "aux.pt")],
+                "--save " + repr(str(tmp_path / "sub" / ".." / "aux.pt")) + " is the --aux-checkpoint file itself"))
+    (tmp_path / "sub").mkdir()
     missing = [name for name, (ok, _) in m2pt_kernels.backend_status().items() if not ok]
     if missing:
         bad.append((["--kernel-backend", missing[0]], f"--kernel-backend {missing[0]} is not available"))

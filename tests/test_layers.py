@@ -150,6 +150,11 @@ def test_bad_inputs_name_the_problem():
         with pytest.raises(TypeError, match="x must be a floating-point tensor, got int64"):
             layer(torch.ones(2, IN, dtype=torch.int64))
         assert layer(torch.randn(2, IN, dtype=torch.float16)).dtype == torch.bfloat16  # autocast casts x
+        x8 = torch.randn(2, IN).to(torch.float8_e4m3fn)  # autocast casts float8 too, as the training path does
+        assert rel_err(layer(x8), ref64(layer, x8.float())) < 2e-2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rel_err(layer.train()(x8), ref64(layer, x8.float())) < 2e-2
+    layer.eval()
     with pytest.raises(TypeError, match="x is float8_e4m3fn; the op computes"):
         layer(torch.randn(2, IN).to(torch.float8_e4m3fn))
 
@@ -166,7 +171,7 @@ def test_from_linear_refuses_a_computed_weight(parametrization):
         torch.nn.utils.parametrize.register_parametrization(lin, "bias", nn.Identity())
         what = "bias"
     with pytest.raises(TypeError, match=rf"ParametrizedLinear\.{what} is computed on every call.*"
-                                        rf"remove_parametrizations\(layer, '{what}'\)"):
+                                        rf"remove_parametrizations\(module, '{what}'\)"):
         FusedCrossModalLinear.from_linear(lin, torch.randn(OUT, IN))
 
 
@@ -307,6 +312,20 @@ def test_no_cache_kept_in_train_mode_or_when_disabled():
     with torch.no_grad():
         layer(torch.randn(2, IN))
     assert layer._cache is None
+
+
+def test_fast_input_check_under_autocast_accepts_mixed_dtypes():
+    """The eval path under autocast sees bf16 activations and fp32 weights on every layer after the first:
+    the fast check must accept them (the full, error-reporting path costs several times more per call)."""
+    check = importlib.import_module("m2pt_kernels.ops.cross_modal_linear")._valid_fast
+    _, _, layer = make_layer()
+    w, a, s, b = layer.weight, layer.aux_weight, layer.cross_modal_scale, layer.bias
+    for x in (torch.randn(2, IN, dtype=torch.bfloat16), torch.randn(2, IN), torch.randn(2, IN).to(torch.float8_e5m2)):
+        assert check(x, w, a, s, b, autocast=True)
+    assert not check(torch.randn(2, IN, dtype=torch.bfloat16), w, a, s, b)  # without autocast: dtypes must agree
+    for bad in (torch.randn(2, IN, dtype=torch.float64), torch.ones(2, IN, dtype=torch.int64), torch.randn(2, IN + 1)):
+        assert not check(bad, w, a, s, b, autocast=True)
+    assert not check(torch.randn(2, IN), w, a, s, b.double(), autocast=True)  # autocast leaves float64 alone
 
 
 def test_layer_built_under_inference_mode_runs_in_eval():

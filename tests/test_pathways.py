@@ -6,6 +6,7 @@ run when those packages are installed (they are in the test extras).
 import argparse
 import copy
 import re
+import warnings
 
 import pytest
 import torch
@@ -778,6 +779,20 @@ def test_preset_must_fit_the_model_whole():
     clip_layers = r"text\.encoder\.layers\.\d+\.(self_attn\.\w+_proj|mlp\.fc\d)"
     add_pathways(target, both(), PathwayConfig(target_modules=clip_layers))
     assert len(pathway_names(target)) == 12 and all(n.startswith("text.") for n in pathway_names(target))
+    # ... and excluding one family's tower leaves the other's preset whole
+    target = both()
+    add_pathways(target, both(), PathwayConfig(exclude_modules=("head", "text")))
+    assert len(pathway_names(target)) == 12 and all(n.startswith("image.blocks.") for n in pathway_names(target))
+
+
+def test_error_target_with_two_towers_names_the_target():
+    """Two towers of the auxiliary's architecture in the target: the error is about the target, not the aux."""
+    target = nn.Module()
+    target.image, target.video = ToyViT(), ToyViT()
+    with pytest.raises(ValueError, match=r"the target holds more than one set of layers .*'image\.', 'video\.'.*"
+                                         r"add_pathways\(model\.image, aux\)"):
+        add_pathways(target, ToyViT(in_dim=7, classes=11))
+    assert not pathway_names(target)
 
 
 @pytest.mark.parametrize("family", ["CLIP", "Siglip"])
@@ -1021,3 +1036,19 @@ def test_averaged_model_checkpoint_loads_and_merges(tmp_path):
     x = torch.randn(2, 6, 10)
     with torch.no_grad():
         assert rel_err(plain(x), target(x)) < 1e-5
+
+
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
+def test_error_hook_based_weight_norm_target(hook):
+    """The older hook-based weight_norm / spectral_norm keep W as a plain tensor attribute (no grad_fn after a
+    no_grad forward, or right after spectral_norm's registration): refused too, with the matching remedy."""
+    model = ToyViT()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        getattr(nn.utils, hook)(model.blocks[0].mlp.fc1)
+    with torch.no_grad():
+        model(torch.randn(1, 4, 10))
+    with pytest.raises(TypeError, match=r"'blocks\.0\.mlp\.fc1' computes its weight on every call.*"
+                                        r"remove_weight_norm\(module\) / remove_spectral_norm"):
+        add_pathways(model, ToyViT())
+    assert not pathway_names(model)

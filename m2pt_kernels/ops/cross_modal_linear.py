@@ -65,10 +65,11 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def _valid_fast(x, weight, aux_weight, scale, bias) -> bool:
+def _valid_fast(x, weight, aux_weight, scale, bias, autocast: bool = False) -> bool:
     """The common, valid case in as few attribute reads as possible (this runs on every call);
     anything else goes through the full checks below, which say what is wrong. Accepts exactly what
-    they accept."""
+    they accept. ``autocast``: x, W, W' and b will be cast by torch.autocast, so their dtypes need not
+    agree (any floating dtype but float64, which autocast leaves alone)."""
     try:
         ws = weight.shape
         dt = weight.dtype
@@ -77,13 +78,19 @@ def _valid_fast(x, weight, aux_weight, scale, bias) -> bool:
                 and isinstance(scale, Tensor) and len(ws) == 2 and x.dim() >= 1
                 and aux_weight.shape == ws and x.shape[-1] == ws[1]
                 and scale.dim() == 1 and (scale.shape[0] == 1 or scale.shape[0] == ws[0])
-                and x.dtype == dt and aux_weight.dtype == dt and dt in _FLOAT_DTYPES
+                and (_autocastable(x, weight, aux_weight, bias) if autocast
+                     else x.dtype == dt and aux_weight.dtype == dt and dt in _FLOAT_DTYPES)
                 and scale.dtype in _FLOAT_DTYPES
                 and x.device == dev and aux_weight.device == dev and scale.device == dev
                 and (bias is None or (isinstance(bias, Tensor) and bias.dim() == 1 and bias.shape[0] == ws[0]
-                                      and bias.dtype == dt and bias.device == dev)))
+                                      and (autocast or bias.dtype == dt) and bias.device == dev)))
     except Exception:
         return False
+
+
+def _autocastable(*tensors) -> bool:
+    """Each one (or None) a floating tensor that torch.autocast casts: any floating dtype but float64."""
+    return all(t is None or (t.dtype.is_floating_point and t.dtype != torch.float64) for t in tensors)
 
 
 def check_inputs(
@@ -100,7 +107,7 @@ def check_inputs(
 
     ``autocast_dtype``: the dtype ``torch.autocast`` will cast x, W, W' and b to before computing; their
     dtypes need not agree then (each must still be a supported floating dtype)."""
-    if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias):
+    if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias, autocast_dtype is not None):
         return
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
                        ("cross_modal_scale", cross_modal_scale)):
@@ -137,7 +144,13 @@ def check_inputs(
                        ("cross_modal_scale", cross_modal_scale), ("bias", bias)):
         if value is not None and not value.is_floating_point():
             raise TypeError(f"{where}: {arg} must be a floating-point tensor, got {_name(value.dtype)}")
-        if value is not None and value.dtype not in _FLOAT_DTYPES:
+        if value is None:
+            continue
+        if autocast_dtype is not None and arg != "cross_modal_scale":  # autocast casts it, unless float64
+            if value.dtype == torch.float64:
+                raise TypeError(f"{where}: {arg} is float64, which torch.autocast leaves alone while it casts "
+                                f"the others to {_name(autocast_dtype)}; cast {arg} to {_name(weight.dtype)}")
+        elif value.dtype not in _FLOAT_DTYPES:
             raise TypeError(f"{where}: {arg} is {_name(value.dtype)}; the op computes "
                             f"{', '.join(_name(d) for d in _FLOAT_DTYPES)}: cast it to one of those")
     if autocast_dtype is None:

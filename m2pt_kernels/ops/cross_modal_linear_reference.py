@@ -19,7 +19,11 @@ _COMPUTE_DTYPE = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     cd = _COMPUTE_DTYPE.get(dtype)
-    return cd if cd is not None else torch.promote_types(dtype, torch.float32)
+    if cd is not None:
+        return cd
+    if dtype.is_floating_point and dtype.itemsize <= 4:  # float8 (autocast casts it): torch won't promote those
+        return torch.float32
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
