@@ -106,7 +106,8 @@ def check_inputs(
     """Raise a TypeError / ValueError naming the argument at fault; return None when all is well.
 
     ``autocast_dtype``: the dtype ``torch.autocast`` will cast x, W, W' and b to before computing; their
-    dtypes need not agree then (each must still be a supported floating dtype)."""
+    dtypes need not agree then (each may be any floating dtype but float64, which autocast leaves alone;
+    λ, which is not cast, must still be one the op computes)."""
     if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias, autocast_dtype is not None):
         return
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
