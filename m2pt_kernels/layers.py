@@ -180,7 +180,7 @@ class FusedCrossModalLinear(nn.Module):
             if self.bias is not None and self.bias.device.type != "meta":
                 bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
                 nn.init.uniform_(self.bias, -bound, bound)
-            scale = self.__dict__.get("_parameters", {}).get("cross_modal_scale")  # absent in __init__
+            scale = self._parameters.get("cross_modal_scale")  # absent when __init__ calls this
             if scale is not None and scale.device.type != "meta":
                 scale.fill_(getattr(self, "scale_init", 0.0))
             aux = self._parameters.get("aux_weight", self._buffers.get("aux_weight"))

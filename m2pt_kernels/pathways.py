@@ -187,12 +187,15 @@ def _pick_preset(model: nn.Module, exclude) -> str:
     """The preset for ``target_modules=None``: the one whose every suffix names a linear layer of the
     model. Presence is judged before ``exclude_modules``, so excluding a layer kind on purpose (say
     ``attn.qkv``) keeps the preset; the exclusion then applies to the selection."""
+    def present(sufs, names):
+        return [suf for suf in sufs if any(_suffix_match(n, suf) for n in names)]
+
     linears = _linear_names(model)
-    found = {p: [suf for suf in sufs if any(_suffix_match(n, suf) for n in linears)] for p, sufs in PRESETS.items()}
+    found = {p: present(sufs, linears) for p, sufs in PRESETS.items()}
     whole = [p for p, sufs in PRESETS.items() if len(found[p]) == len(sufs)]
     if len(whole) > 1:  # a model with two families: what the user excluded may leave one of them whole
         kept = [n for n in linears if not _excluded(n, exclude)]
-        whole = [p for p in whole if all(any(_suffix_match(n, suf) for n in kept) for suf in PRESETS[p])] or whole
+        whole = [p for p in whole if len(present(PRESETS[p], kept)) == len(PRESETS[p])] or whole
     if len(whole) == 1:
         return whole[0]
     if len(whole) > 1:

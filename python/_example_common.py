@@ -30,6 +30,11 @@ def parser(doc: str) -> argparse.ArgumentParser:
                                    epilog="\n\n".join(rest))
 
 
+def one_line(exc: BaseException, limit=None) -> str:
+    """An exception's message on one line (whitespace runs folded), cut to ``limit`` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
 def _number(kind, s: str, ok, what: str):
     """``kind(s)`` if it parses and ``ok`` holds, else argparse's one-line error naming the option."""
     try:
@@ -83,7 +88,7 @@ def create_timm_model(args):
         model = timm.create_model(args.model, pretrained=args.pretrained, **kwargs)
     except Exception as exc:  # unknown name, no weights offline, ...
         sys.exit(f"error: timm.create_model({args.model!r}, pretrained={args.pretrained}, {kwargs}) failed: "
-                 f"{' '.join(str(exc).split())[:300]}")
+                 f"{one_line(exc, 300)}")
     pe = getattr(model, "patch_embed", None)
     img, patch = getattr(pe, "img_size", None), getattr(pe, "patch_size", None)
     if img is not None and patch is not None and any(p > i for p, i in zip(patch, img)):
@@ -96,7 +101,7 @@ def create_timm_model(args):
             sd = {k: v for k, v in sd.items() if not k.startswith("head.")}  # new task, new head
             missing, unexpected = model.load_state_dict(sd, strict=False)
         except Exception as exc:  # unreadable file, shapes that don't fit the model, ...
-            sys.exit(f"error: --target-checkpoint {args.target_checkpoint}: {' '.join(str(exc).split())[:400]}")
+            sys.exit(f"error: --target-checkpoint {args.target_checkpoint}: {one_line(exc, 400)}")
         print(f"target weights from {args.target_checkpoint}: missing {len(missing)} (head expected), "
               f"unexpected {len(unexpected)}")
     return model
@@ -223,7 +228,7 @@ def write_checkpoint(write, path: str, what: str) -> None:
     try:
         write()
     except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError, ...
-        sys.exit(f"error: {what}: cannot write {path!r}: {' '.join(str(exc).split())[:400]}")
+        sys.exit(f"error: {what}: cannot write {path!r}: {one_line(exc, 400)}")
 
 
 def check_device(name: str) -> torch.device:
@@ -231,7 +236,7 @@ def check_device(name: str) -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError as exc:
-        sys.exit(f"error: --device {name!r} is not a torch device ({' '.join(str(exc).split())})")
+        sys.exit(f"error: --device {name!r} is not a torch device ({one_line(exc)})")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             sys.exit(f"error: --device {name}: CUDA is not available here (torch {torch.__version__}); "

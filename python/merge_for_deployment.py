@@ -81,14 +81,14 @@ def main(argv=None) -> int:
     try:
         sd = load_checkpoint(args.checkpoint)
     except Exception as exc:
-        sys.exit(f"error: cannot read {args.checkpoint}: {' '.join(str(exc).split())}")
+        sys.exit(f"error: cannot read {args.checkpoint}: {common.one_line(exc)}")
     if not is_pathway_state_dict(sd):
         sys.exit(f"error: {args.checkpoint} has no pathways (no *.aux_weight / *.cross_modal_scale keys): nothing to merge")
     layers = [k[: -len(".cross_modal_scale")] for k in sd if k.endswith(".cross_modal_scale")]
     try:
         merged = merge_state_dict(sd)
     except ValueError as exc:  # a pathway whose tensors don't fit together (shapes, λ size, ...)
-        sys.exit(f"error: cannot merge {args.checkpoint}: {' '.join(str(exc).split())}")
+        sys.exit(f"error: cannot merge {args.checkpoint}: {common.one_line(exc)}")
     common.write_checkpoint(lambda: save_checkpoint(merged, args.output), args.output, "OUTPUT")
     scales = torch.stack([sd[f"{n}.cross_modal_scale"].float().mean() for n in layers])
     print(f"merged {len(layers)} pathway layers (λ mean {scales.mean():+.4f}, |λ| max {scales.abs().max():.4f}); "
@@ -105,13 +105,13 @@ def main(argv=None) -> int:
     try:
         plain = timm.create_model(args.model, pretrained=False, **kwargs)
     except Exception as exc:  # options the architecture refuses (sizes, ...)
-        sys.exit(f"error: timm.create_model({args.model!r}, {kwargs}) failed: {' '.join(str(exc).split())[:300]}; "
+        sys.exit(f"error: timm.create_model({args.model!r}, {kwargs}) failed: {common.one_line(exc, 300)}; "
                  f"the merged checkpoint was written, unverified")
     try:
         plain.load_state_dict(merged, strict=True)
     except RuntimeError as exc:
         sys.exit(f"error: the merged weights do not load into {args.model}({kwargs}) with strict=True: "
-                 f"{' '.join(str(exc).split())[:400]}")
+                 f"{common.one_line(exc, 400)}")
     # the unmerged model: the same architecture with pathways on exactly the checkpoint's layers
     with_pathways = timm.create_model(args.model, pretrained=False, **kwargs)
     aux_sd = {f"{n}.weight": sd[f"{n}.aux_weight"] for n in layers}
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
         missing, unexpected = with_pathways.load_state_dict(sd, strict=False)
     except (ValueError, TypeError, RuntimeError) as exc:
         sys.exit(f"error: the training checkpoint does not fit {args.model}({kwargs}) with pathways: "
-                 f"{' '.join(str(exc).split())[:400]}")
+                 f"{common.one_line(exc, 400)}")
     if missing or unexpected:
         sys.exit(f"error: the training checkpoint does not match {args.model}: missing {missing[:5]}, "
                  f"unexpected {unexpected[:5]}")

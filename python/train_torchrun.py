@@ -135,7 +135,7 @@ def build_model(args, device):
     try:
         add_pathways(target, args.aux_checkpoint or aux, config)
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:  # e.g. a checkpoint of another shape
-        sys.exit(f"error: add_pathways: {' '.join(str(exc).split())}")
+        sys.exit(f"error: add_pathways: {common.one_line(exc)}")
     if args.only_scales:
         mark_only_scales_trainable(target)
     return target.to(device)
@@ -274,7 +274,7 @@ def main(argv=None) -> dict:
                 save_checkpoint(state, args.save)
                 summary["saved"] = args.save
             except Exception as exc:  # OSError, torch's RuntimeError, safetensors' SafetensorError, ...
-                save_error = f"error: --save: cannot write {args.save!r}: {' '.join(str(exc).split())[:400]}"
+                save_error = f"error: --save: cannot write {args.save!r}: {common.one_line(exc, 400)}"
         if save_error is None:
             print(json.dumps(summary), flush=True)
     # The checkpoint wrappers make each block a reference cycle, so without this the DDP reducer (which

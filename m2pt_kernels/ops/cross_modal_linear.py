@@ -143,10 +143,10 @@ def check_inputs(
         raise ValueError(f"{where}: bias has shape {list(bias.shape)}; expected [{n}] (out_features)")
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
                        ("cross_modal_scale", cross_modal_scale), ("bias", bias)):
-        if value is not None and not value.is_floating_point():
-            raise TypeError(f"{where}: {arg} must be a floating-point tensor, got {_name(value.dtype)}")
         if value is None:
             continue
+        if not value.is_floating_point():
+            raise TypeError(f"{where}: {arg} must be a floating-point tensor, got {_name(value.dtype)}")
         if autocast_dtype is not None and arg != "cross_modal_scale":  # autocast casts it, unless float64
             if value.dtype == torch.float64:
                 raise TypeError(f"{where}: {arg} is float64, which torch.autocast leaves alone while it casts "
