@@ -4,6 +4,7 @@ the float64 reference, split-M, empty / degenerate inputs, determinism, and what
 Runs on the CPU under TRITON_INTERPRET=1 (conftest) or on a GPU; configs are forced with
 ``config_override`` so the small test shapes still span several tiles.
 """
+import contextlib
 import functools
 
 import pytest
@@ -14,7 +15,7 @@ from torch.utils._pytree import tree_leaves
 from m2pt_kernels.ops import cross_modal_linear_reference as reference_backend
 
 from conftest import device_for_tests, fused_backends
-from helpers import check_against_reference, make_inputs, rel_err, run_backend, tolerance
+from helpers import GRAD_NAMES, check_against_reference, make_inputs, rel_err, run_backend, tolerance
 
 pytestmark = pytest.mark.skipif("triton" not in fused_backends(), reason="triton backend not available")
 
@@ -209,6 +210,42 @@ def test_deterministic(split_m, per_channel):
     assert len(runs[0]) == len(runs[1]) >= 3
     for first, second in zip(*runs):
         assert torch.equal(first, second)
+
+
+_INF = float("inf")
+
+
+def _nonfinite(t):
+    return torch.stack([t.isnan(), t.isposinf(), t.isneginf()])
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+@pytest.mark.parametrize("where,index,value", [
+    ("lam", (0,), _INF), ("lam", (0,), -_INF), ("x", (0, 0), _INF), ("x", (2, 19), -_INF),
+    ("dy", (0, 0), _INF), ("dy", (4, 17), -_INF)])
+@pytest.mark.parametrize("name,gemm,wg", CONFIGS, ids=[c[0] for c in CONFIGS])
+def test_infinities_land_where_the_reference_puts_them(name, gemm, wg, where, index, value, per_channel):
+    """±inf in λ, x or dy: y and every gradient have inf / NaN exactly where the reference (the paper's
+    math) has them, and the finite values agree. K = 20 and N = 18 are no tile multiples: a tile's
+    padding is 0, and 0·inf is NaN, so padded rows or columns must not reach a sum (the merged weight's
+    padded rows for λ = ±inf, G's padded rows and columns in dλ)."""
+    m, k, n = 5, 20, 18
+    t = {"x": torch.rand(m, k), "w": torch.rand(n, k), "a": torch.rand(n, k),
+         "lam": torch.rand(n if per_channel else 1), "b": torch.rand(n), "dy": torch.rand(m, n)}
+    t = {key: (v + 0.1).to(DEVICE) for key, v in t.items()}  # positive: no inf - inf beyond the one we put
+    t[where][index] = value
+    outs = {}
+    for backend in ("reference", "triton"):
+        leaves = [t[key].clone().requires_grad_(True) for key in ("x", "w", "a", "lam", "b")]
+        override = (triton_backend.config_override(gemm=gemm, wgrad=wg) if backend == "triton"
+                    else contextlib.nullcontext())
+        with override:
+            y, grads = run_backend(backend, leaves, t["dy"])
+        outs[backend] = [y.detach()] + grads
+    for label, got, want in zip(("y",) + GRAD_NAMES, outs["triton"], outs["reference"]):
+        assert torch.equal(_nonfinite(got), _nonfinite(want)), label
+        finite = torch.isfinite(want)
+        assert rel_err(got[finite], want[finite]) < tolerance(torch.float32, DEVICE), label
 
 
 # ------------------------------------------------------------------ the wgrad finalize kernel

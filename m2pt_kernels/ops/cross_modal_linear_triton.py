@@ -125,9 +125,10 @@ def _merged_gemm_kernel(
             u = tl.load(aux_ptr + offs_c[:, None] * stride_uc + offs_r[None, :] * stride_ur, mask=mask_b, other=0.0)
             if LAM_ON_R:
                 lam = lam_r[None, :]
-            else:
+                b = (w.to(tl.float32) + lam * u.to(tl.float32)).to(in_dtype)
+            else:  # padded r: 0 + λ·0 is NaN for λ = ±inf, and 0·NaN would reach valid outputs
                 lam = lam_c[:, None]
-            b = (w.to(tl.float32) + lam * u.to(tl.float32)).to(in_dtype)
+                b = tl.where(mask_b, w.to(tl.float32) + lam * u.to(tl.float32), 0.0).to(in_dtype)
             a = tl.load(a_ptr + offs_r.to(tl.int64)[:, None] * stride_ar + offs_m[None, :] * stride_am,
                         mask=mask_r[:, None] & mask_m[None, :], other=0.0)
             acc = _dot(b, a, acc, PRECISION, UPCAST)
@@ -139,9 +140,10 @@ def _merged_gemm_kernel(
             u = tl.load(aux_ptr + offs_r[:, None] * stride_ur + offs_c[None, :] * stride_uc, mask=mask_b, other=0.0)
             if LAM_ON_R:
                 lam = lam_r[:, None]
-            else:
+                b = (w.to(tl.float32) + lam * u.to(tl.float32)).to(in_dtype)
+            else:  # as above
                 lam = lam_c[None, :]
-            b = (w.to(tl.float32) + lam * u.to(tl.float32)).to(in_dtype)
+                b = tl.where(mask_b, w.to(tl.float32) + lam * u.to(tl.float32), 0.0).to(in_dtype)
             acc = _dot(a, b, acc, PRECISION, UPCAST)
 
     if SWAP_AB:
@@ -199,7 +201,8 @@ def _wgrad_kernel(
         tl.store(daux_ptr + out_offs, (acc * lam[:, None]).to(daux_ptr.dtype.element_ty), mask=mask_nk)
     if NEED_SCALE:
         u = tl.load(aux_ptr + offs_n[:, None] * stride_un + offs_k[None, :] * stride_uk, mask=mask_nk, other=0.0)
-        part = tl.sum(acc * u.to(tl.float32), axis=1)
+        # padded rows / columns of G are 0·x or dy·0, NaN where x or dy hold ±inf: kept out of the sum
+        part = tl.sum(tl.where(mask_nk, acc * u.to(tl.float32), 0.0), axis=1)
         row = dlam_part_ptr + pid_s * stride_part_split + pid_k * N
         if SCALAR_LAM:  # λ [1]: the whole tile's share, at column pid_n (< N) of its k-tile row
             tl.store(row + pid_n, tl.sum(part, axis=0))
