@@ -360,3 +360,30 @@ def test_emulated_merged_weight_rounded_once(emu, dtype, k, m):
     emu.emu_forward(_i(m), _i(1), _i(k), _p(x), _i(x.stride(0)), _i(x.stride(1)), _p(wf), _p(af),
                     _p(lam), 0, None, _p(y), DTYPES[dtype], 0)
     assert torch.equal(y, torch.full((m, 1), ulp, dtype=dtype)), y[0]
+
+
+@pytest.mark.parametrize("m", [5, 70], ids=["gemv", "gemm"])
+@pytest.mark.parametrize("per_channel", [False, True], ids=["lam1", "lamN"])
+@pytest.mark.parametrize("where,index,value", [
+    ("s", (0,), float("inf")), ("s", (0,), float("-inf")), ("x", (0, 0), float("inf")),
+    ("x", (2, 39), float("-inf")), ("dy", (0, 0), float("inf")), ("dy", (4, 36), float("-inf"))])
+def test_emulated_infinities_land_where_the_paper_puts_them(emu, m, per_channel, where, index, value):
+    """±inf in λ, x or dy: y and every gradient have inf / NaN exactly where the paper's autograd graph
+    has them, and the finite values agree. K = 40, N = 37 are no tile multiples: a tile's padding is
+    0, and 0·inf is NaN, so padded rows or columns must not reach a sum."""
+    k, n = 40, 37
+    t = {"x": torch.rand(m, k), "w": torch.rand(n, k), "a": torch.rand(n, k),
+         "s": torch.rand(n if per_channel else 1), "b": torch.rand(n), "dy": torch.rand(m, n)}
+    t = {key: v + 0.1 for key, v in t.items()}  # positive: no inf - inf beyond the one we put
+    t[where][index] = value
+    leaves = [t[key].clone().requires_grad_(True) for key in ("x", "w", "a", "s", "b")]
+    x, w, a, s, b = leaves
+    y = torch.nn.functional.linear(x, w + (s if s.numel() == 1 else s.view(-1, 1)) * a, b)
+    y.backward(t["dy"])
+    want = [y.detach(), x.grad, w.grad, a.grad, s.grad, b.grad]
+    got = run_emulated(emu, t["x"], t["w"], t["a"], t["s"], t["b"], t["dy"])
+    for label, g, r in zip(("y", "dx", "dW", "dW'", "dλ", "db"), got, want):
+        for flags in (torch.isnan, torch.isposinf, torch.isneginf):
+            assert torch.equal(flags(g), flags(r)), (label, flags.__name__)
+        finite = torch.isfinite(r)
+        assert rel_err(g[finite], r[finite]) < 1e-5, label
