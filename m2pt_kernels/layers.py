@@ -306,12 +306,16 @@ class FusedCrossModalLinear(nn.Module):
             # FSDP2's MixedPrecisionPolicy casts the Parameters (W, b, a trainable W') for the forward
             # but not a frozen W', a buffer: compute with it in W's dtype, as if it were a Parameter
             aux_weight = aux_weight.to(weight.dtype)
-        if torch.is_grad_enabled() and (weight.requires_grad or aux_weight.requires_grad or scale.requires_grad
-                                        or (bias is not None and bias.requires_grad)) \
-                or torch.compiler.is_compiling() or transforms_active():
+        tracing = torch.jit.is_tracing()  # not torch._C._is_tracing: dynamo folds this one, breaks on that one
+        if not tracing and (torch.is_grad_enabled() and (weight.requires_grad or aux_weight.requires_grad
+                                                         or scale.requires_grad
+                                                         or (bias is not None and bias.requires_grad))
+                            or torch.compiler.is_compiling() or transforms_active()):
             return cross_modal_linear(x, weight, aux_weight, scale, bias)
         # No gradient can reach W, W', λ or b: one plain GEMM on the cached merged weight (the cache
         # keys on data pointers, which batched and dual tensors of torch.func transforms don't have).
+        # torch.jit.trace records plain ops (the paper's W + λ·W', then F.linear), never the cache: a
+        # trace then follows the parameters, and its graph is the same on every call.
         device_type = x.device.type if isinstance(x, Tensor) else "cpu"
         if isinstance(x, Tensor) and autocast_enabled(device_type) \
                 and x.dtype != torch.float64 and weight.dtype != torch.float64:  # autocast leaves float64 alone
@@ -320,7 +324,18 @@ class FusedCrossModalLinear(nn.Module):
         else:
             check_inputs(x, weight, aux_weight, scale, bias, where=type(self).__name__)
             dtype = weight.dtype
+        if tracing:
+            return F.linear(x, merged_weight(weight, aux_weight, scale, dtype), bias)
         return F.linear(x, self._merged_for_inference(dtype, weight, aux_weight, scale), bias)
+
+    def __prepare_scriptable__(self):
+        # torch.jit.script calls this on every submodule before compiling: say what to do instead of
+        # failing inside the compiler on the first attribute it can't type
+        raise RuntimeError(
+            f"{type(self).__name__} can't be compiled by torch.jit.script: its forward dispatches to Python "
+            "kernels. For deployment, merge the pathways first (m2pt_kernels.merge_pathways(model) turns each "
+            "one into a plain nn.Linear, which scripts); torch.jit.trace, torch.export and torch.compile take "
+            "the pathway model as it is")
 
     # ------------------------------------------------------------------ merge
     def merged_weight(self) -> Tensor:

@@ -1,4 +1,5 @@
 """FusedCrossModalLinear: the drop-in layer against float64 math, the paper's layer, the eval cache."""
+import contextlib
 import copy
 import importlib
 import io
@@ -647,3 +648,63 @@ def test_compile_fullgraph_training_and_eval():
     layer.eval()
     with torch.no_grad():
         assert rel_err(compiled(x), ref64(layer, x)) < 1e-5
+
+
+@pytest.mark.parametrize("mode", ["train", "eval_warm_cache", "eval_no_grad"])
+def test_jit_trace_follows_the_parameters(mode):
+    """torch.jit.trace records W + λ·W' and F.linear on the parameters, never the eval cache nor the
+    autograd Function (which a trace can't save): the trace passes its own check, saves, loads, and a
+    new state_dict reaches it (a trace that baked the cached merged weight in as a constant ignored it)."""
+    import warnings
+    _, _, layer = make_layer(lam=torch.tensor([0.3]))
+    model = nn.Sequential(layer, nn.GELU())
+    x = torch.randn(2, 5, IN)
+    if mode != "train":
+        model.eval()
+        with torch.no_grad():
+            model(x)  # fills the merged-weight cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notice
+        with torch.no_grad() if mode == "eval_no_grad" else contextlib.nullcontext():
+            traced = torch.jit.trace(model, x)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        buf.seek(0)
+        loaded = torch.jit.load(buf)
+    new = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    model.load_state_dict(new)
+    loaded.load_state_dict(new)
+    with torch.no_grad():
+        assert rel_err(loaded(x), model(x)) < 1e-6
+    if mode == "train":  # the traced graph trains: λ gets its gradient
+        loaded(x).sum().backward()
+        model(x).sum().backward()
+        lam = dict(loaded.named_parameters())["0.cross_modal_scale"]
+        assert rel_err(lam.grad, layer.cross_modal_scale.grad) < 1e-5
+
+
+def test_jit_script_says_merge_first():
+    _, _, layer = make_layer()
+    for module in (layer, nn.Sequential(nn.Identity(), layer)):
+        with pytest.raises(RuntimeError, match=r"torch\.jit\.script.*merge_pathways"):
+            torch.jit.script(module)
+    x = torch.randn(3, IN)
+    assert rel_err(torch.jit.script(layer.merge())(x), ref64(layer, x)) < 1e-5
+
+
+def test_fx_symbolic_trace_names_the_leaf_module_remedy():
+    _, _, layer = make_layer(lam=torch.tensor([0.3]))
+    model = nn.Sequential(layer, nn.GELU())
+    for m in (model, model.eval()):
+        with pytest.raises(TypeError, match=r"torch\.fx Proxy.*leaf module.*register_notrace_module"):
+            torch.fx.symbolic_trace(m)
+
+    class Tracer(torch.fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, FusedCrossModalLinear) or super().is_leaf_module(m, qualname)
+
+    gm = torch.fx.GraphModule(model, Tracer().trace(model))
+    x = torch.randn(4, IN)
+    with torch.no_grad():
+        layer.cross_modal_scale.fill_(-0.7)  # the graph calls the module: it follows its parameters
+        assert rel_err(gm(x), F.gelu(ref64(layer, x)).float()) < 1e-5

@@ -110,6 +110,12 @@ def check_inputs(
     λ, which is not cast, must still be one the op computes)."""
     if _valid_fast(x, weight, aux_weight, cross_modal_scale, bias, autocast_dtype is not None):
         return
+    if isinstance(x, torch.fx.Proxy):  # the input check reads the first argument an FX tracer replaces
+        raise TypeError(
+            f"{where}: x is a torch.fx Proxy: FX symbolic tracing (torch.fx.symbolic_trace, timm's "
+            "create_feature_extractor) can't trace through the op. Make FusedCrossModalLinear a leaf module "
+            "(timm: timm.layers.register_notrace_module(FusedCrossModalLinear); torch.fx: a Tracer whose "
+            "is_leaf_module is True for it), or merge the pathways first (m2pt_kernels.merge_pathways)")
     for arg, value in (("x", x), ("weight", weight), ("aux_weight", aux_weight),
                        ("cross_modal_scale", cross_modal_scale)):
         if not isinstance(value, Tensor):
