@@ -34,6 +34,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn as nn
 from torch import Tensor
+from torch.nn.utils import parametrize
 
 from .layers import FusedCrossModalLinear, computed_weights, remove_computed_hint
 from .ops.cross_modal_linear_reference import merged_weight
@@ -245,6 +246,24 @@ def _get_parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     return (model.get_submodule(parent_name) if parent_name else model), child
 
 
+# The hooks a replacement layer takes over from the layer it replaces (add_pathways, merge_pathways). Not the
+# state_dict / load_state_dict hooks: those belong to the layer's own class (a pathway layer registers its own).
+_CARRIED_HOOKS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks",
+                  "_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_backward_pre_hooks",
+                  "_backward_hooks", "_is_full_backward_hook")
+
+
+def _carry_hooks(old: nn.Module, new: nn.Module) -> nn.Module:
+    """``new`` shares ``old``'s forward / backward hook dicts (the same objects, not copies, so the handles the
+    user holds still remove them); returns ``new``. Only attributes both have (older torch lacks some)."""
+    missing = object()
+    for attr in _CARRIED_HOOKS:
+        hooks = getattr(old, attr, missing)
+        if hooks is not missing and getattr(new, attr, missing) is not missing:
+            setattr(new, attr, hooks)
+    return new
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def _unwrap(obj, where: str) -> Dict[str, Tensor]:
     """Descend ``model`` / ``module`` / ``state_dict`` nesting, drop ``module.`` prefixes, keep tensors."""
@@ -253,8 +272,9 @@ def _unwrap(obj, where: str) -> Dict[str, Tensor]:
         seen += 1
         # A wrapper key holding a mapping is a nested state_dict even when tensors sit next to it
         # (the ImageNet example's {"state_dict": sd, "best_acc1": tensor, ...}): a state_dict's own
-        # values are tensors, never mappings.
-        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)), None)
+        # values are tensors, never mappings. One holding a whole pickled module ({"model": module,
+        # "epoch": 3}) is unwrapped like a bare module, below.
+        inner = next((obj[k] for k in _WRAPPER_KEYS if isinstance(obj.get(k), (Mapping, nn.Module))), None)
         if inner is None:
             break
         obj = inner
@@ -572,7 +592,9 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     ``.safetensors`` file. Its weights are copied (never modified or aliased) and cast to each target
     layer's dtype and device. The target layers' own ``weight``/``bias`` Parameters are kept, so an
     optimizer built earlier still holds them (it does not hold the new λ and W': build it after this
-    call, or add them). Nothing is changed when an error is raised. Returns ``model``.
+    call, or add them). Forward and backward hooks registered on a replaced layer are kept: they fire on
+    its pathway layer, and their handles still remove them. Nothing is changed when an error is raised.
+    Returns ``model``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"add_pathways: model must be an nn.Module, got {type(model).__name__}")
@@ -674,7 +696,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
             target, aux_w, aux_trainable=config.aux_trainable, scale_init=config.scale_init,
             per_channel_scale=config.per_channel_scale)
         parent, child = _get_parent(model, name)
-        setattr(parent, child, layer)
+        setattr(parent, child, _carry_hooks(target, layer))
     logger.info("add_pathways: %d pathways (%s)%s", len(pairs), how,
                 f", aux names mapped {strip!r} -> {add!r}" if (strip or add) else "")
     return model
@@ -682,7 +704,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
 
 def _merge_module(m: nn.Module) -> nn.Linear:
     if isinstance(m, FusedCrossModalLinear):
-        return m.merge()
+        return _carry_hooks(m, m.merge())
     # the paper's CrossModalReparamLinear (or a compatible layer)
     w = m.weight
     bias = getattr(m, "bias", None)
@@ -693,7 +715,7 @@ def _merge_module(m: nn.Module) -> nn.Linear:
         if bias is not None:
             linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
     linear.train(m.training)
-    return linear
+    return _carry_hooks(m, linear)
 
 
 def merge_pathways(model: nn.Module) -> nn.Module:
@@ -701,22 +723,33 @@ def merge_pathways(model: nn.Module) -> nn.Module:
 
     Works on layers of this package and the paper's ``CrossModalReparamLinear``. The merged model's
     state_dict loads with ``strict=True`` into the unconverted architecture and computes the same
-    function. (A model that *is* one pathway layer cannot change in place: the merged layer is returned.)
+    function. Forward and backward hooks registered on a pathway layer are kept: they fire on its merged
+    ``nn.Linear``, and their handles still remove them. (A model that *is* one pathway layer cannot change
+    in place: the merged layer is returned.)
     """
-    if _is_pathway_module(model):
-        return _merge_module(model)
     # every name of a shared (tied) layer, so each gets the one merged layer and the tie survives
-    found = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _is_pathway_module(m)]
+    found = ([("", model)] if _is_pathway_module(model) else
+             [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _is_pathway_module(m)])
     if not found:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
                          "CrossModalReparamLinear layers): it is already merged or a plain model")
     for name, m in found:
+        # the hook-based weight_norm / spectral_norm: its forward pre-hook would be carried to the merged
+        # nn.Linear (see _carry_hooks), which has no weight_g / weight_orig for it to compute W from
+        hooked = [n for n in computed_weights(m) if not parametrize.is_parametrized(m, n)]
+        if hooked:
+            raise TypeError(
+                f"merge_pathways: {name or '(root)'!r} computes its {hooked[0]} in a forward pre-hook (the "
+                "hook-based weight_norm / spectral_norm), which the merged nn.Linear would keep but could not run. "
+                f"Remove it first ({remove_computed_hint(m, hooked[0])}), then merge.")
         if any(_is_dtensor(t) for t in (m.weight, m.aux_weight, m.cross_modal_scale)):
             raise ValueError(
-                f"merge_pathways: {name!r} holds sharded tensors (DTensor: FSDP2 / tensor parallel), which can't "
-                "be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("
+                f"merge_pathways: {name or '(root)'!r} holds sharded tensors (DTensor: FSDP2 / tensor parallel), "
+                "which can't be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("
                 "model, options=StateDictOptions(full_state_dict=True))) from torch.distributed.checkpoint"
                 ".state_dict, then load it into the plain model.")
+    if _is_pathway_module(model):
+        return _merge_module(model)
     merged: Dict[int, nn.Linear] = {}
     for name, m in found:
         parent, child = _get_parent(model, name)

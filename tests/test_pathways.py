@@ -264,6 +264,63 @@ def test_merge_errors():
         merge_pathways(ToyViT())
 
 
+def test_hooks_survive_add_and_merge_and_their_handles_still_remove_them():
+    """Like PEFT's base layer: forward / pre / full backward hooks on a replaced layer fire on its replacement."""
+    target, aux = toy_pair()
+    calls = []
+    fc1 = target.blocks[0].mlp.fc1
+    handles = [fc1.register_forward_hook(lambda m, i, o: calls.append(("fwd", type(m).__name__))),
+               fc1.register_forward_pre_hook(lambda m, i: calls.append(("pre", type(m).__name__))),
+               fc1.register_full_backward_hook(lambda m, gi, go: calls.append(("bwd", type(m).__name__)))]
+    x = torch.randn(2, 5, 10)
+
+    def fired():
+        calls.clear()
+        target(x).sum().backward()
+        return sorted(calls)
+
+    add_pathways(target, aux)
+    assert fired() == [("bwd", "FusedCrossModalLinear"), ("fwd", "FusedCrossModalLinear"),
+                       ("pre", "FusedCrossModalLinear")]
+    # a hook registered on the pathway layer itself survives merging too
+    fc2 = target.blocks[1].mlp.fc2
+    handles.append(fc2.register_forward_hook(lambda m, i, o: calls.append(("fc2", type(m).__name__))))
+    merge_pathways(target)
+    assert fired() == [("bwd", "Linear"), ("fc2", "Linear"), ("fwd", "Linear"), ("pre", "Linear")]
+    for h in handles:
+        h.remove()
+    assert fired() == []
+    # a model that is one pathway layer: the merged layer it returns keeps the hooks
+    layer = FusedCrossModalLinear.from_linear(nn.Linear(4, 3), torch.randn(3, 4))
+    handle = layer.register_forward_hook(lambda m, i, o: calls.append(type(m).__name__))
+    merged = merge_pathways(layer)
+    calls.clear()
+    merged(torch.randn(2, 4))
+    assert calls == ["Linear"]
+    handle.remove()
+    merged(torch.randn(2, 4))
+    assert calls == ["Linear"]
+
+
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
+def test_merge_refuses_a_hook_based_weight_norm_on_a_pathway_layer(hook):
+    """Its forward pre-hook would be carried to the merged nn.Linear, which has no weight_g / weight_orig to run it
+    on: refused before anything changes, with the remedy."""
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
+        getattr(nn.utils, hook)(target.blocks[2].mlp.fc1)
+    with pytest.raises(TypeError, match=r"merge_pathways: 'blocks\.2\.mlp\.fc1' computes its weight in a forward "
+                                        r"pre-hook.*remove_weight_norm\(module\) / remove_spectral_norm"):
+        merge_pathways(target)
+    assert len(pathway_names(target)) == 3 * 4
+    getattr(nn.utils, f"remove_{hook}")(target.blocks[2].mlp.fc1)
+    merge_pathways(target)
+    assert not pathway_names(target)
+    target(torch.randn(2, 5, 10))
+
+
 # ---------------------------------------------------------------------------- linear probing
 def test_mark_only_scales_trainable():
     target, aux = toy_pair()
@@ -671,6 +728,17 @@ def test_timm_pth_tar_checkpoints(tmp_path):
     save_checkpoint(sd, tmp_path / "last.pth.tar")
     again = load_checkpoint(tmp_path / "last.pth.tar")
     assert list(again) == list(sd) and all(torch.equal(again[k], v) for k, v in sd.items())
+
+
+def test_whole_module_under_a_wrapper_key_unwraps_like_a_bare_one(tmp_path):
+    """{"model": <nn.Module>, "epoch": 3}: some training scripts torch.save the whole module under a wrapper key."""
+    target, aux = toy_pair()
+    path = tmp_path / "whole_in_dict.pth"
+    torch.save({"model": aux, "epoch": 3}, path)
+    loaded = load_checkpoint(path, weights_only=False)
+    assert list(loaded) == list(aux.state_dict()) and all(torch.equal(loaded[k], v) for k, v in aux.state_dict().items())
+    add_pathways(target, {"model": aux, "epoch": 3})
+    assert torch.equal(target.blocks[2].attn.qkv.aux_weight, aux.blocks[2].attn.qkv.weight)
 
 
 def test_checkpoint_round_trip_through_fresh_pathway_model(tmp_path):
