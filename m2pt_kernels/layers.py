@@ -40,6 +40,7 @@ Design decisions (each one is something a user can rely on):
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 import weakref
 from typing import Optional, Union
@@ -64,6 +65,25 @@ def _scale_dtype(requested: torch.dtype) -> torch.dtype:
     if requested.is_floating_point:
         return torch.promote_types(requested, torch.float32)
     return requested
+
+
+def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_scale) -> float:
+    """The options every pathway constructor takes, checked before anything is built: the flags are
+    bools (a string such as "False" would be true), λ's initial value a finite real number (NaN or inf
+    would make every output and gradient non-finite from the first step). Returns ``scale_init`` as a float."""
+    for name, value in (("aux_trainable", aux_trainable), ("per_channel_scale", per_channel_scale)):
+        if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))
+                or (getattr(value, "dtype", None) is not None and str(value.dtype) in ("bool", "torch.bool")
+                    and getattr(value, "ndim", None) == 0)):
+            raise TypeError(f"{where}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+    if isinstance(scale_init, Tensor) and scale_init.numel() == 1 and scale_init.is_floating_point():
+        scale_init = scale_init.item()
+    if isinstance(scale_init, bool) or not isinstance(scale_init, numbers.Real):
+        raise TypeError(f"{where}: scale_init (λ's initial value) must be a real number, got {scale_init!r} "
+                        f"({type(scale_init).__name__})")
+    if not math.isfinite(scale_init):
+        raise ValueError(f"{where}: scale_init (λ's initial value) must be finite, got {scale_init}")
+    return float(scale_init)
 
 
 _MISSING = object()  # FusedCrossModalLinear.forward: a name not in the module's parameter / buffer dicts
@@ -146,6 +166,8 @@ class FusedCrossModalLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
+        scale_init = check_pathway_options(type(self).__name__, aux_trainable=aux_trainable, scale_init=scale_init,
+                                           per_channel_scale=per_channel_scale)
         factory = {"device": device, "dtype": dtype}
         self.in_features = int(in_features)
         self.out_features = int(out_features)

@@ -36,7 +36,7 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from .layers import FusedCrossModalLinear, computed_weights, remove_computed_hint
+from .layers import FusedCrossModalLinear, check_pathway_options, computed_weights, remove_computed_hint
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
@@ -116,6 +116,10 @@ class PathwayConfig:
     aux_trainable: bool = True
     scale_init: float = 0.0
     per_channel_scale: bool = False
+
+    def __post_init__(self):
+        self.scale_init = check_pathway_options("PathwayConfig", aux_trainable=self.aux_trainable,
+                                                scale_init=self.scale_init, per_channel_scale=self.per_channel_scale)
 
 
 # ---------------------------------------------------------------------------- name matching
@@ -601,6 +605,8 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     config = PathwayConfig() if config is None else config
     if not isinstance(config, PathwayConfig):
         raise TypeError(f"add_pathways: config must be a PathwayConfig, got {type(config).__name__}")
+    check_pathway_options("add_pathways", aux_trainable=config.aux_trainable, scale_init=config.scale_init,
+                          per_channel_scale=config.per_channel_scale)  # fields can change after construction
     if isinstance(model, nn.parallel.DistributedDataParallel):
         raise TypeError(
             "add_pathways: model is wrapped in DistributedDataParallel, which registered its parameters when it was "

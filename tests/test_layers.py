@@ -708,3 +708,34 @@ def test_fx_symbolic_trace_names_the_leaf_module_remedy():
     with torch.no_grad():
         layer.cross_modal_scale.fill_(-0.7)  # the graph calls the module: it follows its parameters
         assert rel_err(gm(x), F.gelu(ref64(layer, x)).float()) < 1e-5
+
+
+@pytest.mark.parametrize("option,value,error", [
+    ("scale_init", float("nan"), ValueError), ("scale_init", float("inf"), ValueError),
+    ("scale_init", "0.1", TypeError), ("aux_trainable", "False", TypeError), ("per_channel_scale", 2, TypeError)])
+def test_bad_pathway_options_are_refused_everywhere(option, value, error):
+    """A NaN / inf λ would make every output non-finite from the first step; a string flag would be
+    true whatever it says. Each constructor names itself and the option; add_pathways checks a config
+    changed after construction before it changes the model."""
+    from m2pt_kernels.pathways import PathwayConfig
+    lin, aux = nn.Linear(IN, OUT), nn.Linear(IN, OUT)
+    with pytest.raises(error, match=rf"^FusedCrossModalLinear: {option}"):
+        FusedCrossModalLinear(IN, OUT, **{option: value})
+    with pytest.raises(error, match=rf"^FusedCrossModalLinear: {option}"):
+        FusedCrossModalLinear.from_linear(lin, aux, **{option: value})
+    with pytest.raises(error, match=rf"^PathwayConfig: {option}"):
+        PathwayConfig(**{option: value})
+    config = PathwayConfig(target_modules=["0"])
+    setattr(config, option, value)
+    model = nn.Sequential(lin)
+    with pytest.raises(error, match=rf"^add_pathways: {option}"):
+        m2pt_kernels.add_pathways(model, nn.Sequential(aux), config)
+    assert model[0] is lin
+
+
+def test_pathway_options_accept_numpy_and_torch_scalars():
+    np = pytest.importorskip("numpy")
+    layer = FusedCrossModalLinear(IN, OUT, aux_trainable=np.bool_(False), scale_init=np.float32(0.5),
+                                  per_channel_scale=torch.tensor(True))
+    assert not layer.aux_trainable and layer.per_channel_scale
+    assert layer.cross_modal_scale.dtype == torch.float32 and torch.all(layer.cross_modal_scale == 0.5)
