@@ -86,6 +86,20 @@ def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_
     return float(scale_init)
 
 
+def check_aux_finite(aux: Tensor, what: str, where: str) -> None:
+    """Refuse an auxiliary weight holding inf / NaN (a corrupt checkpoint): W' enters every output as
+    λ·W', and 0·inf is NaN, so the model would compute NaN from its first step even at λ = 0.
+    ``what`` names the tensor (the auxiliary key and its partner layer), ``where`` the caller."""
+    if aux.is_meta:
+        return
+    bad = aux.numel() - int(torch.isfinite(aux).sum())
+    if bad:
+        raise ValueError(
+            f"{where}: {what} has {bad} non-finite value{'s' if bad > 1 else ''} (inf / NaN): W' enters every "
+            "output as λ·W', and 0·inf is NaN, so every output would be NaN even at λ = 0. Is the auxiliary "
+            "checkpoint corrupt?")
+
+
 _MISSING = object()  # FusedCrossModalLinear.forward: a name not in the module's parameter / buffer dicts
 
 # Every optimizer step anywhere in the process bumps this counter, and the merged-weight cache keys on

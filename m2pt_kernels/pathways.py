@@ -36,7 +36,8 @@ import torch.nn as nn
 from torch import Tensor
 from torch.nn.utils import parametrize
 
-from .layers import FusedCrossModalLinear, check_pathway_options, computed_weights, remove_computed_hint
+from .layers import (FusedCrossModalLinear, check_aux_finite, check_pathway_options, computed_weights,
+                     remove_computed_hint)
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
@@ -696,6 +697,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
                 "values (built under torch.device('meta') or init_empty_weights, and never loaded). Load the "
                 "auxiliary weights before adding pathways, e.g. aux.to_empty(device='cpu') then "
                 "aux.load_state_dict(...), or pass the auxiliary checkpoint's path or state_dict instead.")
+        check_aux_finite(aux_w, f"the auxiliary {key!r} (partner of {name!r})", "add_pathways")
         pairs.append((name, target, aux_w))
     for name, target, aux_w in pairs:
         layer = FusedCrossModalLinear.from_linear(

@@ -1120,3 +1120,15 @@ def test_error_hook_based_weight_norm_target(hook):
                                         r"remove_weight_norm\(module\) / remove_spectral_norm"):
         add_pathways(model, ToyViT())
     assert not pathway_names(model)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_auxiliary_weight_is_refused_before_anything_changes(value):
+    """0·inf is NaN: an auxiliary weight holding inf / NaN would make every output NaN even at λ = 0."""
+    target = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    aux = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 4))
+    with torch.no_grad():
+        aux[1].weight[2, 3] = value
+    with pytest.raises(ValueError, match=r"add_pathways: the auxiliary '1\.weight' \(partner of '1'\) has 1 non-finite"):
+        add_pathways(target, aux, PathwayConfig(target_modules=["0", "1"]))
+    assert all(type(m) is nn.Linear for m in target)
