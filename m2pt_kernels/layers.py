@@ -67,15 +67,41 @@ def _scale_dtype(requested: torch.dtype) -> torch.dtype:
     return requested
 
 
+def check_flag(where: str, name: str, value) -> bool:
+    """A boolean option: a bool, 0 / 1, or a numpy / torch 0-d bool (a string such as "False" would be
+    true). Returns it as a bool."""
+    if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))
+            or (getattr(value, "dtype", None) is not None and str(value.dtype) in ("bool", "torch.bool")
+                and getattr(value, "ndim", None) == 0)):
+        raise TypeError(f"{where}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
+
+def check_size(where: str, name: str, value) -> int:
+    """A layer size (``in_features`` / ``out_features``): a non-negative integer (``int(2.7)`` would
+    silently build a layer of size 2). Returns it as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{where}: {name} must be a non-negative integer, got {value!r} ({type(value).__name__}); "
+                        f"pass int({name}) if it is a whole number held in another type")
+    if value < 0:
+        raise ValueError(f"{where}: {name} must be a non-negative integer, got {value}")
+    return int(value)
+
+
+def has_pathway(m) -> bool:
+    """``m`` holds a pathway itself: a ``FusedCrossModalLinear``, or any layer with an ``aux_weight`` /
+    ``cross_modal_scale`` tensor (the paper's ``CrossModalReparamLinear``): its ``weight`` alone is not
+    the function it computes."""
+    return isinstance(m, FusedCrossModalLinear) or any(
+        isinstance(getattr(m, n, None), Tensor) for n in ("aux_weight", "cross_modal_scale"))
+
+
 def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_scale) -> float:
     """The options every pathway constructor takes, checked before anything is built: the flags are
     bools (a string such as "False" would be true), λ's initial value a finite real number (NaN or inf
     would make every output and gradient non-finite from the first step). Returns ``scale_init`` as a float."""
-    for name, value in (("aux_trainable", aux_trainable), ("per_channel_scale", per_channel_scale)):
-        if not (isinstance(value, bool) or (isinstance(value, numbers.Integral) and value in (0, 1))
-                or (getattr(value, "dtype", None) is not None and str(value.dtype) in ("bool", "torch.bool")
-                    and getattr(value, "ndim", None) == 0)):
-            raise TypeError(f"{where}: {name} must be True or False, got {value!r} ({type(value).__name__})")
+    check_flag(where, "aux_trainable", aux_trainable)
+    check_flag(where, "per_channel_scale", per_channel_scale)
     if isinstance(scale_init, Tensor) and scale_init.numel() == 1 and scale_init.is_floating_point():
         scale_init = scale_init.item()
     if isinstance(scale_init, bool) or not isinstance(scale_init, numbers.Real):
@@ -180,11 +206,13 @@ class FusedCrossModalLinear(nn.Module):
         dtype=None,
     ) -> None:
         super().__init__()
-        scale_init = check_pathway_options(type(self).__name__, aux_trainable=aux_trainable, scale_init=scale_init,
+        where = type(self).__name__
+        scale_init = check_pathway_options(where, aux_trainable=aux_trainable, scale_init=scale_init,
                                            per_channel_scale=per_channel_scale)
+        self.in_features = check_size(where, "in_features", in_features)
+        self.out_features = check_size(where, "out_features", out_features)
+        bias = check_flag(where, "bias", bias)
         factory = {"device": device, "dtype": dtype}
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
         self.weight = nn.Parameter(torch.empty((self.out_features, self.in_features), **factory))
         if bias:
             self.bias = nn.Parameter(torch.empty(self.out_features, **factory))
@@ -195,7 +223,8 @@ class FusedCrossModalLinear(nn.Module):
         if aux_weight is None:
             aux = torch.zeros_like(self.weight, requires_grad=False)
         else:
-            aux = self._copy_aux(aux_weight, self.weight, "aux_weight")
+            aux = self._copy_aux(aux_weight, self.weight, "aux_weight", where, expected=(
+                f"a torch.Tensor (use {where}.from_linear(linear, aux_linear) for a module)"))
         self._aux_is_zeros = aux_weight is None
         self._set_aux(aux, aux_trainable)
         self.cross_modal_scale = nn.Parameter(self._new_scale(self.scale_init, per_channel_scale, self.weight.device))
@@ -228,17 +257,32 @@ class FusedCrossModalLinear(nn.Module):
         return torch.full((n,), float(scale_init), dtype=torch.float32, device=device)
 
     @staticmethod
-    def _copy_aux(aux: Tensor, like: Tensor, what: str) -> Tensor:
+    def _copy_aux(aux: Tensor, like: Tensor, what: str, where: str, expected: str) -> Tensor:
+        """A checked copy of the auxiliary weight ``aux`` for the target weight ``like``; ``what`` names
+        ``aux``, ``where`` the caller, ``expected`` what the caller takes."""
         if not isinstance(aux, Tensor):
-            raise TypeError(f"FusedCrossModalLinear: {what} must be a torch.Tensor or an nn.Linear, "
-                            f"got {type(aux).__name__}")
+            raise TypeError(f"{where}: {what} must be {expected}, got {type(aux).__name__}")
         if tuple(aux.shape) != tuple(like.shape):
             raise ValueError(
-                f"FusedCrossModalLinear: the target weight has shape {list(like.shape)} but {what} has "
+                f"{where}: the target weight has shape {list(like.shape)} but {what} has "
                 f"shape {list(aux.shape)}; the auxiliary layer must have the target layer's shape "
                 "[out_features, in_features]")
         if not aux.is_floating_point():
-            raise TypeError(f"FusedCrossModalLinear: {what} must be floating point, got {_dtype_name(aux.dtype)}")
+            raise TypeError(f"{where}: {what} must be floating point, got {_dtype_name(aux.dtype)}")
+        if like.is_meta and not aux.is_meta:
+            raise ValueError(
+                f"{where}: the target weight is on the meta device but {what} holds values: the pathway layer "
+                "keeps W' on its target's device, so they would be dropped (after to_empty W' would be "
+                "uninitialized memory). Materialize the target first (to_empty, then load its weights) and build "
+                "the pathway then; or build both on meta and load a checkpoint that has the pathways "
+                "(aux_weight / cross_modal_scale keys).")
+        if aux.is_meta and not like.is_meta:
+            raise ValueError(
+                f"{where}: {what} is on the meta device: it holds no values (built under torch.device('meta') or "
+                "init_empty_weights, and never loaded). Load the auxiliary weights first (e.g. to_empty(device="
+                "'cpu') then load_state_dict(...)), or build the layer without them and load a checkpoint that "
+                "has the pathways.")
+        check_aux_finite(aux, what, where)
         # Always a fresh copy: the auxiliary model is never modified nor aliased.
         return aux.detach().to(device=like.device, dtype=like.dtype, copy=True)
 
@@ -263,16 +307,34 @@ class FusedCrossModalLinear(nn.Module):
         ``linear``'s ``weight`` and ``bias`` Parameter objects are reused (not copied), so an
         optimizer that already holds them stays valid; ``aux`` (an ``nn.Linear`` or a weight tensor)
         is copied and cast to ``linear.weight``'s dtype and device. Bias-free layers work.
+        ``linear`` must be an ``nn.Linear`` (or a subclass) without a pathway, ``aux`` a plain layer (a
+        pathway layer is merged first) holding finite values; a meta ``linear`` takes only a meta ``aux``.
         """
+        where = f"{cls.__name__}.from_linear"
+        if has_pathway(linear):
+            raise ValueError(f"{where}: this layer already has a pathway (it is a {type(linear).__name__} holding "
+                             "aux_weight / cross_modal_scale); merge it first (m2pt_kernels.merge_pathways(layer) returns "
+                             "the plain nn.Linear)")
         weight = getattr(linear, "weight", None)
-        if not isinstance(linear, nn.Module) or not isinstance(weight, Tensor) or weight.dim() != 2:
-            raise TypeError(f"FusedCrossModalLinear.from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        if isinstance(linear, FusedCrossModalLinear):
-            raise ValueError("FusedCrossModalLinear.from_linear: this layer already has a pathway "
-                             "(it is a FusedCrossModalLinear); merge() it first")
-        aux_w = aux.weight if isinstance(aux, nn.Module) else aux
-        if isinstance(aux, nn.Module) and not isinstance(aux_w, Tensor):
-            raise TypeError(f"FusedCrossModalLinear.from_linear: aux {type(aux).__name__} has no weight tensor")
+        if not isinstance(linear, nn.Linear) or not isinstance(weight, Tensor) or weight.dim() != 2:
+            raise TypeError(
+                f"{where}: linear must be an nn.Linear (or a subclass), got {type(linear).__name__}: another "
+                "module's 2-D weight need not be a linear layer's [out_features, in_features] (nn.Embedding; "
+                "Hugging Face's Conv1D stores it transposed). Build FusedCrossModalLinear(in_features, "
+                "out_features, aux_weight=...) and copy that layer's weight in the right layout instead.")
+        if isinstance(aux, nn.Module):
+            if has_pathway(aux):
+                raise ValueError(
+                    f"{where}: aux ({type(aux).__name__}) has a pathway itself (aux_weight / cross_modal_scale): "
+                    "its weight alone is not the function it computes (W + λ·W'). Merge it first "
+                    "(m2pt_kernels.merge_pathways(aux) returns the plain nn.Linear) and pass that.")
+            aux_w = getattr(aux, "weight", None)
+            if not isinstance(aux, nn.Linear) or not isinstance(aux_w, Tensor):
+                raise TypeError(f"{where}: aux must be an nn.Linear (or its weight tensor), got {type(aux).__name__}: "
+                                "another module's weight need not be laid out [out_features, in_features] (Hugging "
+                                "Face's Conv1D stores it transposed); pass the auxiliary model's nn.Linear")
+        else:
+            aux_w = aux
         computed = computed_weights(linear)
         if computed:
             raise TypeError(
@@ -283,7 +345,7 @@ class FusedCrossModalLinear(nn.Module):
         bias = getattr(linear, "bias", None)
         layer = cls(weight.shape[1], weight.shape[0], bias=bias is not None, aux_trainable=aux_trainable,
                     scale_init=scale_init, per_channel_scale=per_channel_scale, device="meta", dtype=weight.dtype)
-        aux_copy = cls._copy_aux(aux_w, weight, "the auxiliary weight")
+        aux_copy = cls._copy_aux(aux_w, weight, "the auxiliary weight", where, expected="a torch.Tensor or an nn.Linear")
         layer.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight.detach())
         if bias is not None:
             layer.bias = bias if isinstance(bias, nn.Parameter) else nn.Parameter(bias.detach())

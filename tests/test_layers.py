@@ -3,6 +3,7 @@ import contextlib
 import copy
 import importlib
 import io
+import warnings
 
 import pytest
 import torch
@@ -174,6 +175,96 @@ def test_from_linear_refuses_a_computed_weight(parametrization):
     with pytest.raises(TypeError, match=rf"ParametrizedLinear\.{what} is computed on every call.*"
                                         rf"remove_parametrizations\(module, '{what}'\)"):
         FusedCrossModalLinear.from_linear(lin, torch.randn(OUT, IN))
+
+
+
+def test_meta_target_with_real_aux_and_meta_aux_are_refused():
+    """A meta target keeps W' on meta: a real auxiliary weight would be dropped (after to_empty W' held
+    uninitialized memory); a meta auxiliary weight holds no values (torch said 'Cannot copy out of meta tensor')."""
+    real, meta = torch.ones(OUT, IN), torch.ones(OUT, IN, device="meta")
+    lin_meta = nn.Linear(IN, OUT, device="meta")
+    for make in (lambda: FusedCrossModalLinear.from_linear(lin_meta, real),
+                 lambda: FusedCrossModalLinear.from_linear(lin_meta, nn.Linear(IN, OUT)),
+                 lambda: FusedCrossModalLinear(IN, OUT, aux_weight=real, device="meta")):
+        with pytest.raises(ValueError, match=r"target weight is on the meta device but .* holds values.*"
+                                             r"Materialize the target first.*build both on meta"):
+            make()
+    for make in (lambda: FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), meta),
+                 lambda: FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), nn.Linear(IN, OUT, device="meta")),
+                 lambda: FusedCrossModalLinear(IN, OUT, aux_weight=meta)):
+        with pytest.raises(ValueError, match=r"is on the meta device: it holds no values.*Load the auxiliary"):
+            make()
+    # both on meta: shapes only, the pathways come from a checkpoint later
+    assert FusedCrossModalLinear.from_linear(lin_meta, meta).aux_weight.is_meta
+    assert FusedCrossModalLinear(IN, OUT, aux_weight=meta, device="meta").aux_weight.is_meta
+
+
+def test_from_linear_needs_an_nn_linear_and_a_plain_aux():
+    class Conv1D(nn.Module):  # Hugging Face GPT-2's layer: weight [in, out], transposed
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(IN, IN))
+
+    for linear in (nn.Embedding(OUT, IN), Conv1D()):
+        with pytest.raises(TypeError, match=rf"from_linear: linear must be an nn.Linear .*got {type(linear).__name__}"):
+            FusedCrossModalLinear.from_linear(linear, torch.zeros(linear.weight.shape))
+
+    class MyLinear(nn.Linear):
+        pass
+
+    assert FusedCrossModalLinear.from_linear(MyLinear(IN, OUT), torch.zeros(OUT, IN)).in_features == IN
+    for aux in (nn.ReLU(), nn.Embedding(IN, OUT)):  # no weight; a 2-D weight of another layout
+        with pytest.raises(TypeError, match=rf"aux must be an nn.Linear \(or its weight tensor\), got {type(aux).__name__}"):
+            FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), aux)
+    paper = PaperCrossModalReparamLinear(IN, OUT, aux_weight=torch.ones(OUT, IN))
+    ours = FusedCrossModalLinear(IN, OUT, aux_weight=torch.ones(OUT, IN), scale_init=1.0)
+    for aux in (ours, paper):  # its weight alone is not W + λ·W'
+        with pytest.raises(ValueError, match=rf"aux \({type(aux).__name__}\) has a pathway itself.*Merge it first"):
+            FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), aux)
+    with pytest.raises(ValueError, match="already has a pathway.*merge it first"):  # an nn.Linear with a pathway
+        FusedCrossModalLinear.from_linear(paper, torch.zeros(OUT, IN))
+
+
+def test_constructor_checks_sizes_bias_and_aux_weight():
+    """int(2.7) built a layer of size 2, bias='False' built a bias, -1 reached torch.empty; aux_weight=nn.Linear
+    was told 'a torch.Tensor or an nn.Linear'. Integer-like sizes and bool-like flags are still accepted."""
+    for kwargs, error, match in [
+        ({"in_features": 2.7}, TypeError, r"in_features must be a non-negative integer, got 2.7 \(float\)"),
+        ({"in_features": "4"}, TypeError, r"in_features must be a non-negative integer, got '4' \(str\)"),
+        ({"out_features": True}, TypeError, r"out_features must be a non-negative integer, got True"),
+        ({"out_features": -1}, ValueError, r"out_features must be a non-negative integer, got -1"),
+        ({"bias": "False"}, TypeError, r"bias must be True or False, got 'False' \(str\)"),
+        ({"aux_weight": nn.Linear(IN, OUT)}, TypeError,
+         r"aux_weight must be a torch.Tensor \(use FusedCrossModalLinear.from_linear\(linear, aux_linear\) for a "
+         r"module\), got Linear"),
+        ({"aux_weight": [[0.0] * IN] * OUT}, TypeError, r"aux_weight must be a torch.Tensor \(use .*got list"),
+    ]:
+        args = {"in_features": IN, "out_features": OUT, **kwargs}
+        with pytest.raises(error, match=rf"^FusedCrossModalLinear: {match}"):
+            FusedCrossModalLinear(args.pop("in_features"), args.pop("out_features"), **args)
+    np = pytest.importorskip("numpy")
+    layer = FusedCrossModalLinear(np.int64(IN), np.int32(OUT), bias=np.bool_(False))
+    assert (layer.in_features, layer.out_features) == (IN, OUT) and type(layer.in_features) is int
+    assert layer.bias is None and FusedCrossModalLinear(IN, OUT, bias=torch.tensor(True)).bias is not None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # torch: initializing zero-element tensors is a no-op
+        assert FusedCrossModalLinear(0, OUT, bias=1).weight.shape == (OUT, 0)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_constructor_and_from_linear_refuse_a_non_finite_aux(bad):
+    """0·inf is NaN: the layer computed NaN from its first step even at λ = 0."""
+    aux = torch.randn(OUT, IN)
+    aux[3, 4] = bad
+    with pytest.raises(ValueError, match=r"^FusedCrossModalLinear: aux_weight has 1 non-finite value"):
+        FusedCrossModalLinear(IN, OUT, aux_weight=aux)
+    for a in (aux, nn.Linear(IN, OUT)):
+        if isinstance(a, nn.Module):
+            with torch.no_grad():
+                a.weight[0, 0] = bad
+        with pytest.raises(ValueError, match=r"^FusedCrossModalLinear.from_linear: the auxiliary weight has 1 "
+                                             r"non-finite value"):
+            FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), a)
 
 
 # ---------------------------------------------------------------------------- merge
@@ -507,6 +598,41 @@ def test_paper_checkpoint_round_trip(bias, aux_trainable):
     again = FusedCrossModalLinear(IN, OUT, bias=bias, aux_trainable=aux_trainable)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert torch.equal(again(x), ours(x))
+
+
+def test_paper_layer_checks_its_arguments():
+    """The paper's replica: a [1, 4] origin weight was broadcast into [3, 4]; a string flag, a list or an
+    integer aux_weight failed with torch's internal errors."""
+    with pytest.raises(ValueError, match=r"^PaperCrossModalReparamLinear: origin_layer's weight has shape \[1, 4\], "
+                                         r"expected .*\[3, 4\]"):
+        PaperCrossModalReparamLinear(4, 3, origin_layer=nn.Linear(4, 1))
+    with pytest.raises(TypeError, match=r"origin_layer must be an nn.Linear .*got Embedding"):
+        PaperCrossModalReparamLinear(4, 3, origin_layer=nn.Embedding(3, 4))
+    with pytest.raises(TypeError, match=r"is_aux_trainable must be True or False, got 'False'"):
+        PaperCrossModalReparamLinear(4, 3, is_aux_trainable="False")
+    with pytest.raises(TypeError, match=r"aux_weight must be a torch.Tensor of shape \[3, 4\].*got list"):
+        PaperCrossModalReparamLinear(4, 3, aux_weight=[[0.0] * 4] * 3)
+    with pytest.raises(TypeError, match=r"aux_weight must be floating point, got int64"):
+        PaperCrossModalReparamLinear(4, 3, aux_weight=torch.zeros(3, 4, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"aux_weight has shape \[4, 3\], expected \[3, 4\]"):
+        PaperCrossModalReparamLinear(4, 3, aux_weight=torch.zeros(4, 3))
+    with pytest.raises(TypeError, match=r"in_features must be a non-negative integer, got 2.7"):
+        PaperCrossModalReparamLinear(2.7, 3)
+
+
+def test_paper_layer_takes_the_origin_layers_bias():
+    """With an origin layer the layer computes the origin's function at λ = 0: its bias when it has one
+    (bias=False dropped it), none when it has none (bias=True kept a random one)."""
+    x = torch.randn(5, 4)
+    for bias in (True, False):
+        for origin in (nn.Linear(4, 3), nn.Linear(4, 3, bias=False)):
+            layer = PaperCrossModalReparamLinear(4, 3, bias=bias, origin_layer=origin)
+            assert (layer.bias is not None) == (origin.bias is not None)
+            torch.testing.assert_close(layer(x), origin(x), rtol=0, atol=0)
+    # default keys, as the paper's checkpoints have them
+    assert set(PaperCrossModalReparamLinear(4, 3).state_dict()) == {"weight", "bias", "aux_weight", "cross_modal_scale"}
+    assert set(PaperCrossModalReparamLinear(4, 3, bias=False).state_dict()) == {"weight", "aux_weight",
+                                                                                  "cross_modal_scale"}
 
 
 def test_copy_and_pickle_with_cache():
