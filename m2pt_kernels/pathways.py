@@ -25,6 +25,8 @@ from __future__ import annotations
 import argparse
 import difflib
 import logging
+import math
+import numbers
 import os
 import re
 from collections import OrderedDict
@@ -85,11 +87,25 @@ CHECKPOINT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt", ".tar", ".safetensors")
 def checkpoint_format(path: Union[str, "os.PathLike[str]"]) -> str:
     """The format of a checkpoint path, from its suffix: one of ``CHECKPOINT_SUFFIXES``, lower-case.
     Any other suffix is a ValueError that names the path and the suffixes supported."""
-    suffix = os.path.splitext(os.fspath(path))[1].lower()
+    path = _fspath(path, "checkpoint_format")
+    suffix = os.path.splitext(path)[1].lower()
     if suffix not in CHECKPOINT_SUFFIXES:
-        raise ValueError(f"unknown checkpoint format {suffix or '(no suffix)'!r} of {os.fspath(path)!r}; "
+        raise ValueError(f"unknown checkpoint format {suffix or '(no suffix)'!r} of {path!r}; "
                          f"use one of {', '.join(CHECKPOINT_SUFFIXES)}")
     return suffix
+
+
+def _fspath(path, where: str) -> str:
+    """``path`` as a str, or a TypeError naming ``where``'s path argument (not os.fspath's bare one)."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        raise TypeError(f"{where}: path must be a file path (a str or os.PathLike), got {path!r} "
+                        f"({type(path).__name__}); pass the checkpoint file's name")
+    return os.fsdecode(path)
+
+
+def _check_model(model, where: str, what: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{where}: {what} must be an nn.Module, got {type(model).__name__}")
 
 
 _WRAPPER_KEYS = ("state_dict", "model", "module", "model_state_dict", "model_state")
@@ -121,6 +137,9 @@ class PathwayConfig:
     def __post_init__(self):
         self.scale_init = check_pathway_options("PathwayConfig", aux_trainable=self.aux_trainable,
                                                 scale_init=self.scale_init, per_channel_scale=self.per_channel_scale)
+        for what in ("target_modules", "exclude_modules"):  # a bad regex now, not at add_pathways
+            if isinstance(getattr(self, what), str):
+                _check_regex(getattr(self, what), what)
 
 
 # ---------------------------------------------------------------------------- name matching
@@ -156,7 +175,18 @@ def _is_pathway_module(m: nn.Module) -> bool:
             and isinstance(getattr(m, "cross_modal_scale", None), Tensor))
 
 
+def _check_regex(spec: str, what: str) -> None:
+    try:
+        re.compile(spec)
+    except re.error as exc:
+        raise ValueError(f"PathwayConfig.{what}: {spec!r} is not a valid regular expression ({exc}); a string is "
+                         "matched as a regex against the full qualified name: fix or escape it (re.escape), or pass a "
+                         "list of names or suffixes instead") from None
+
+
 def _check_spec(spec, what: str):
+    if isinstance(spec, str):
+        _check_regex(spec, what)
     if spec is None or isinstance(spec, str):
         return spec
     if isinstance(spec, Iterable):
@@ -311,7 +341,7 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
     files are read with ``torch.load(weights_only=True)`` (``argparse.Namespace`` entries such as MAE's
     ``args`` are allowed); pass ``weights_only=False`` only for files you trust.
     """
-    path = os.fspath(path)
+    path = _fspath(path, "load_checkpoint")
     if not os.path.exists(path):
         raise FileNotFoundError(f"load_checkpoint: no such file: {path!r}")
     if os.path.isdir(path):
@@ -326,7 +356,17 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
         except ImportError as exc:  # optional dependency
             raise ImportError("load_checkpoint: reading .safetensors needs the safetensors package "
                               "(pip install safetensors)") from exc
-        return _unwrap(load_file(path, device="cpu"), f"load_checkpoint({path!r})")
+        try:
+            obj = load_file(path, device="cpu")
+        except Exception as exc:  # safetensors' SafetensorError (a corrupt or misnamed file), OSError, ...
+            detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+            with open(path, "rb") as f:
+                head = f.read(4)
+            pickled = head[:2] == b"PK" or head[:1] == b"\x80"  # torch.save's zip or legacy pickle
+            hint = ": it looks like a torch.save file; rename it to .pth" if pickled else "; is the file complete?"
+            raise RuntimeError(f"load_checkpoint: could not read {path!r} as a safetensors file ({detail}){hint}"
+                               ) from exc
+        return _unwrap(obj, f"load_checkpoint({path!r})")
     safe = getattr(torch.serialization, "safe_globals", None)
     try:
         if weights_only and safe is not None:
@@ -349,16 +389,33 @@ def load_checkpoint(path: Union[str, "os.PathLike[str]"], *, weights_only: bool 
 def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathLike[str]"]) -> None:
     """Write ``state_dict`` as ``.safetensors`` or with ``torch.save``
     (``.pth``/``.pt``/``.bin``/``.ckpt``/``.tar``)."""
-    path = os.fspath(path)
+    path = _fspath(path, "save_checkpoint")
     if isinstance(state_dict, nn.Module):
         state_dict = state_dict.state_dict()
     try:
         suffix = checkpoint_format(path)
     except ValueError as exc:
         raise ValueError(f"save_checkpoint: {exc}") from None
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"save_checkpoint: state_dict must be a mapping of names to tensors (a model's "
+                        f"state_dict()) or an nn.Module, got {type(state_dict).__name__}")
+    if not state_dict:
+        raise ValueError(f"save_checkpoint: the state_dict is empty: nothing to write to {path!r} (load_checkpoint "
+                         "would find no tensors in it); pass the model's state_dict()")
+    bad = [k for k in state_dict if not isinstance(k, str)]
+    if bad:
+        raise TypeError(f"save_checkpoint: keys must be str (parameter names such as 'blocks.0.attn.qkv.weight'); "
+                        f"key {bad[0]!r} is {type(bad[0]).__name__}: load_checkpoint would find no tensors under it. "
+                        "Save the model's state_dict(), or convert the keys with str()")
     bad = [k for k, v in state_dict.items() if not isinstance(v, Tensor)]
     if bad:
         raise TypeError(f"save_checkpoint: values must be tensors; not tensors: {bad[:5]}")
+    bad = [k for k, v in state_dict.items() if v.is_meta]
+    if bad:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"save_checkpoint: {bad[0]!r} is on the meta device{more}: it holds no values (built "
+                         "under torch.device('meta') or init_empty_weights, and never loaded). Load the weights "
+                         "first (model.to_empty(device='cpu'), then load_state_dict), then save")
     if suffix == ".safetensors":
         try:
             from safetensors.torch import save_file
@@ -411,9 +468,25 @@ def _pathway_prefixes(state_dict: Mapping[str, Tensor]) -> List[str]:
     return prefixes
 
 
+def _state_dict_arg(state_dict, where: str) -> Mapping[str, Tensor]:
+    """A flat state_dict as given (its keys, prefixes included, kept), or the one inside a training checkpoint
+    (``{"model": sd, "epoch": 3}``, an nn.Module) unwrapped the way load_checkpoint unwraps it."""
+    if isinstance(state_dict, (str, bytes, os.PathLike)):
+        raise TypeError(f"{where}: state_dict must be a state_dict (a mapping of names to tensors), got the path "
+                        f"{os.fsdecode(state_dict)!r}; read the file first: {where}(load_checkpoint(path))")
+    if not isinstance(state_dict, (Mapping, nn.Module)):
+        raise TypeError(f"{where}: state_dict must be a state_dict (a mapping of names to tensors) or a checkpoint "
+                        f"holding one, got {type(state_dict).__name__}")
+    if isinstance(state_dict, Mapping) and not any(
+            isinstance(state_dict.get(k), (Mapping, nn.Module)) for k in _WRAPPER_KEYS):
+        return state_dict
+    return _unwrap(state_dict, where)
+
+
 def is_pathway_state_dict(state_dict: Mapping[str, Tensor]) -> bool:
-    """True when the state_dict has pathways (``*.aux_weight`` / ``*.cross_modal_scale`` keys)."""
-    return bool(_pathway_prefixes(state_dict))
+    """True when the state_dict has pathways (``*.aux_weight`` / ``*.cross_modal_scale`` keys). A training
+    checkpoint (``{"model": sd, "epoch": 3}``, ...) is looked into the way ``load_checkpoint`` unwraps it."""
+    return bool(_pathway_prefixes(_state_dict_arg(state_dict, "is_pathway_state_dict")))
 
 
 def merge_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tensor]":
@@ -421,8 +494,11 @@ def merge_state_dict(state_dict: Mapping[str, Tensor]) -> "OrderedDict[str, Tens
     fp32 math, one cast to W's dtype) and drop the two keys. Works for this package's and the paper's
     checkpoints; the input is not modified. The result loads into the unconverted architecture with the
     same key prefixes: a DDP (``module.``) or torch.compile (``_orig_mod.``) model's ``state_dict()`` keeps
-    them (``load_checkpoint`` drops them when reading a file).
+    them (``load_checkpoint`` drops them when reading a file). A training checkpoint (``{"model": sd,
+    "optimizer": ..., "epoch": 3}``) is unwrapped the way ``load_checkpoint`` unwraps it, and the result is
+    then the flat merged state_dict alone (wrapper, other entries and those prefixes dropped).
     """
+    state_dict = _state_dict_arg(state_dict, "merge_state_dict")
     prefixes = _pathway_prefixes(state_dict)
     if not prefixes:
         raise ValueError(f"merge_state_dict: {_NO_PATHWAYS}")
@@ -601,8 +677,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     its pathway layer, and their handles still remove them. Nothing is changed when an error is raised.
     Returns ``model``.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"add_pathways: model must be an nn.Module, got {type(model).__name__}")
+    _check_model(model, "add_pathways")
     config = PathwayConfig() if config is None else config
     if not isinstance(config, PathwayConfig):
         raise TypeError(f"add_pathways: config must be a PathwayConfig, got {type(config).__name__}")
@@ -735,6 +810,7 @@ def merge_pathways(model: nn.Module) -> nn.Module:
     ``nn.Linear``, and their handles still remove them. (A model that *is* one pathway layer cannot change
     in place: the merged layer is returned.)
     """
+    _check_model(model, "merge_pathways")
     # every name of a shared (tied) layer, so each gets the one merged layer and the tie survives
     found = ([("", model)] if _is_pathway_module(model) else
              [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _is_pathway_module(m)])
@@ -775,9 +851,15 @@ def mark_only_scales_trainable(model: nn.Module, modules_to_save: Union[str, Seq
     ``modules_to_save`` matches like ``exclude_modules`` (``"head"`` is ``head`` and all under it; Hugging
     Face classifiers call it ``"classifier"``); pass ``()`` to train only λ. Returns ``model``.
     """
+    _check_model(model, "mark_only_scales_trainable")
     if isinstance(modules_to_save, str):
         modules_to_save = (modules_to_save,)
-    modules_to_save = tuple(modules_to_save)
+    given = modules_to_save
+    modules_to_save = tuple(given) if isinstance(given, Iterable) else (given,)
+    bad = [p for p in modules_to_save if not isinstance(p, str)]
+    if bad:
+        raise TypeError(f"mark_only_scales_trainable: modules_to_save must be a module name or a list of names, got "
+                        f"{given!r}; pass () to train only λ, or ('head',) (the default) to train the head too")
     layers = [m for m in model.modules() if _is_pathway_module(m)]
     if not layers:
         raise ValueError("mark_only_scales_trainable: this model has no pathways (call add_pathways first)")
@@ -805,6 +887,23 @@ _NO_DECAY_NAMES = ("pos_embed", "position_embedding", "relative_position_bias_ta
                    "cls_token", "dist_token", "reg_token", "mask_token")
 
 
+def _check_rate(name: str, value, tensor_ok: bool = False):
+    """param_groups' numbers: finite and non-negative (a NaN lr makes every parameter NaN after one step, a
+    negative λ multiplier trains λ uphill), real (a string from a config file would be repeated, not scaled)."""
+    if tensor_ok and isinstance(value, Tensor) and value.numel() == 1 and value.is_floating_point():
+        number = value.item()
+    elif isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"param_groups: {name} must be a real number, got {value!r} ({type(value).__name__}); "
+                        f"pass a float (convert a value read from a config file with float())")
+    else:
+        number = value = float(value)
+    if not math.isfinite(number) or number < 0:
+        example = dict(lr="1e-3", weight_decay="0.05", scale_lr_mult="1.0")[name]
+        raise ValueError(f"param_groups: {name} must be finite and non-negative, got {number}; pass e.g. "
+                         f"{name}={example}")
+    return value
+
+
 def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.05,
                  scale_lr_mult: float = 1.0) -> List[dict]:
     """Optimizer parameter groups for training with pathways (trainable parameters only).
@@ -816,7 +915,13 @@ def param_groups(model: nn.Module, lr: float, *, weight_decay: float = 0.05,
     - every pathway's λ (``cross_modal_scale``): no decay, learning rate ``lr * scale_lr_mult``
       (one scalar per layer, starting at 0, usually wants a larger step than the weights).
     Each group also carries ``base_lr`` for schedulers that scale it; empty groups are left out.
+    ``lr``, ``weight_decay`` and ``scale_lr_mult`` are finite, non-negative real numbers (``lr`` may also be
+    a one-element tensor, which torch's optimizers accept).
     """
+    _check_model(model, "param_groups")
+    lr = _check_rate("lr", lr, tensor_ok=True)
+    weight_decay = _check_rate("weight_decay", weight_decay)
+    scale_lr_mult = _check_rate("scale_lr_mult", scale_lr_mult)
     decay, no_decay, scales = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -856,8 +961,22 @@ def reparameterize_aux_into_target_model(
     used. ``is_aux_trainable`` is the keyword of the later M2PT code; ``main_body_name=None`` (or "")
     treats the models themselves as the block lists. Returns ``target_model``.
     """
+    fn = "reparameterize_aux_into_target_model"
+    _check_model(target_model, fn, "target_model")
+    if main_body_name is not None and not isinstance(main_body_name, str):
+        raise TypeError(f"{fn}: main_body_name must be the name of the target's block list (a str such as "
+                        f"'blocks') or None (the models are the block lists), got {main_body_name!r} "
+                        f"({type(main_body_name).__name__})")
     if isinstance(layer_names, str):
         layer_names = (layer_names,)
+    given = layer_names
+    layer_names = tuple(given) if isinstance(given, Iterable) else (given,)
+    if any(not isinstance(n, str) for n in layer_names):
+        raise TypeError(f"{fn}: layer_names must be a list of the layer names inside each block (str, e.g. "
+                        f"('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2'), the default), got {given!r}")
+    if not layer_names:
+        raise ValueError(f"{fn}: layer_names is empty: name at least one layer inside each block, e.g. "
+                         "('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2') (the default)")
     body = re.escape(main_body_name) + r"\." if main_body_name else ""
     pattern = body + r"\d+\.(?:" + "|".join(re.escape(n) for n in layer_names) + ")"
     if main_body_name:

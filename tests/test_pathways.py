@@ -1132,3 +1132,163 @@ def test_non_finite_auxiliary_weight_is_refused_before_anything_changes(value):
     with pytest.raises(ValueError, match=r"add_pathways: the auxiliary '1\.weight' \(partner of '1'\) has 1 non-finite"):
         add_pathways(target, aux, PathwayConfig(target_modules=["0", "1"]))
     assert all(type(m) is nn.Linear for m in target)
+
+
+def test_param_groups_refuses_bad_numbers_and_a_non_module():
+    """lr=nan made every parameter NaN after one step, scale_lr_mult=-10 gave λ a negative learning rate, and
+    lr="3e-3" with scale_lr_mult=2 gave λ the lr '3e-33e-3'; param_groups(None) failed inside named_parameters."""
+    import numpy as np
+    from m2pt_kernels.pathways import param_groups
+
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    for kw, shown in ((dict(lr=float("nan")), "lr must be finite and non-negative, got nan; pass e.g. lr=1e-3"),
+                      (dict(lr=-1e-3), "lr must be finite and non-negative, got -0.001"),
+                      (dict(lr=torch.tensor(float("inf"))), "lr must be finite and non-negative, got inf"),
+                      (dict(lr=1e-3, weight_decay=float("inf")), "weight_decay must be finite and non-negative, got inf"),
+                      (dict(lr=1e-3, scale_lr_mult=-10), "scale_lr_mult must be finite and non-negative, got -10.0")):
+        with pytest.raises(ValueError, match=re.escape(f"param_groups: {shown}")):
+            param_groups(target, **kw)
+    for kw, name, shown in ((dict(lr="3e-3", scale_lr_mult=2), "lr", "'3e-3' (str)"),
+                            (dict(lr=True), "lr", "True (bool)"),
+                            (dict(lr=1e-3, weight_decay=None), "weight_decay", "None (NoneType)"),
+                            (dict(lr=1e-3, scale_lr_mult="10"), "scale_lr_mult", "'10' (str)")):
+        with pytest.raises(TypeError, match=re.escape(f"param_groups: {name} must be a real number, got {shown}; "
+                                                      "pass a float (convert")):
+            param_groups(target, **kw)
+    with pytest.raises(TypeError, match="param_groups: model must be an nn.Module, got NoneType"):
+        param_groups(None, 1e-3)
+    # numpy scalars, ints and zero are numbers; a one-element tensor lr is what torch's optimizers also take
+    groups = param_groups(target, np.float64(1e-3), weight_decay=0, scale_lr_mult=np.int64(10))
+    assert [g["lr"] for g in groups] == [1e-3, 1e-3, 1e-2] and groups[0]["weight_decay"] == 0.0
+    assert all(type(g["lr"]) is float for g in groups)
+    groups = param_groups(target, torch.tensor(1e-3), scale_lr_mult=10)
+    assert abs(float(groups[2]["lr"]) - 1e-2) < 1e-9
+    torch.optim.AdamW(groups)
+
+
+def test_nested_checkpoint_is_a_pathway_state_dict_and_merges_flat(tmp_path):
+    """{"model": sd, "epoch": 3} (the paper's format, which load_checkpoint unwraps) was "not a pathway
+    state_dict", and merge_state_dict called it "already merged or a plain model"."""
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    randomize_scales(target)
+    sd = target.state_dict()
+    flat = merge_state_dict(sd)
+    for ckpt in ({"model": sd, "epoch": 3}, {"state_dict": {f"module.{k}": v for k, v in sd.items()},
+                                             "optimizer": {"state": {}, "param_groups": []}}, target):
+        assert is_pathway_state_dict(ckpt)
+        merged = merge_state_dict(ckpt)
+        assert list(merged) == list(flat) and all(torch.equal(merged[k], v) for k, v in flat.items())
+    assert not is_pathway_state_dict({"model": flat, "epoch": 3})
+    with pytest.raises(ValueError, match="already merged or a plain model"):
+        merge_state_dict({"model": flat, "epoch": 3})
+    # a flat state_dict keeps its keys as they are (a DDP model's state_dict() keeps module.)
+    assert list(merge_state_dict({f"module.{k}": v for k, v in sd.items()})) == [f"module.{k}" for k in flat]
+    path = tmp_path / "nested.pth"
+    torch.save({"model": sd, "epoch": 3}, path)
+    for fn in (is_pathway_state_dict, merge_state_dict):
+        for arg in (str(path), path):
+            with pytest.raises(TypeError, match=re.escape(f"{fn.__name__}: state_dict must be a state_dict (a mapping "
+                                                          f"of names to tensors), got the path {str(path)!r}; read the "
+                                                          f"file first: {fn.__name__}(load_checkpoint(path))")):
+                fn(arg)
+        with pytest.raises(TypeError, match=f"{fn.__name__}: state_dict must be a state_dict .* got NoneType"):
+            fn(None)
+    assert is_pathway_state_dict(load_checkpoint(path))
+
+
+def test_save_checkpoint_refuses_what_load_checkpoint_could_not_read_back(tmp_path):
+    """Meta tensors were written (and loaded back as meta, or "Cannot copy out of meta tensor" for safetensors),
+    an int key wrote a file load_checkpoint refused, {} wrote an empty file, None failed inside .items()."""
+    for suffix in (".pth", ".safetensors"):
+        path = tmp_path / f"out{suffix}"
+        with pytest.raises(ValueError, match=r"save_checkpoint: 'blocks\.0\.w' is on the meta device \(and 1 more\): it "
+                                             r"holds no values .*Load the weights first"):
+            save_checkpoint({"a": torch.zeros(2), "blocks.0.w": torch.zeros(2, device="meta"),
+                             "b": torch.zeros(2, device="meta")}, path)
+        with torch.device("meta"):
+            meta_model = ToyViT()
+        with pytest.raises(ValueError, match="save_checkpoint: 'embed.weight' is on the meta device"):
+            save_checkpoint(meta_model, path)
+        with pytest.raises(TypeError, match=r"save_checkpoint: keys must be str .*key 1 is int"):
+            save_checkpoint({"w": torch.zeros(2), 1: torch.zeros(2)}, path)
+        with pytest.raises(ValueError, match=re.escape(f"save_checkpoint: the state_dict is empty: nothing to write to "
+                                                       f"{str(path)!r}")):
+            save_checkpoint({}, path)
+        with pytest.raises(TypeError, match=r"save_checkpoint: state_dict must be a mapping of names to tensors .*"
+                                            r"or an nn.Module, got NoneType"):
+            save_checkpoint(None, path)
+        assert not path.exists()
+    with pytest.raises(TypeError, match=r"save_checkpoint: path must be a file path \(a str or os.PathLike\), got None"):
+        save_checkpoint({"w": torch.zeros(2)}, None)
+    for fn in (load_checkpoint, checkpoint_format):
+        with pytest.raises(TypeError, match=rf"{fn.__name__}: path must be a file path \(a str or os.PathLike\), got "
+                                            r"None \(NoneType\); pass the checkpoint file's name"):
+            fn(None)
+
+
+def test_load_checkpoint_names_a_corrupt_or_misnamed_safetensors_file(tmp_path):
+    """safetensors' "header too large" did not say which file (the .pth branch already names it)."""
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"x" * 64)
+    with pytest.raises(RuntimeError, match=re.escape(f"load_checkpoint: could not read {str(junk)!r} as a safetensors "
+                                                     "file (") + r".*\); is the file complete\?"):
+        load_checkpoint(junk)
+    misnamed = tmp_path / "misnamed.safetensors"
+    torch.save({"w": torch.zeros(2)}, misnamed)
+    with pytest.raises(RuntimeError, match=re.escape(f"could not read {str(misnamed)!r} as a safetensors file (")
+                       + r".*\): it looks like a torch.save file; rename it to \.pth"):
+        load_checkpoint(misnamed)
+
+
+def test_bad_regex_names_the_option_and_the_pattern():
+    """A bad regex in target_modules / exclude_modules was a bare re.error from inside add_pathways."""
+    for what in ("target_modules", "exclude_modules"):
+        with pytest.raises(ValueError, match=re.escape(f"PathwayConfig.{what}: 'blocks.(' is not a valid regular "
+                                                       "expression (missing ), unterminated subpattern")):
+            PathwayConfig(**{what: "blocks.("})
+        config = PathwayConfig()
+        setattr(config, what, "[a")  # changed after construction: add_pathways checks again, before any change
+        target, aux = toy_pair()
+        with pytest.raises(ValueError, match=re.escape(f"PathwayConfig.{what}: '[a' is not a valid regular expression")):
+            add_pathways(target, aux, config)
+        assert not pathway_names(target)
+
+
+def test_whole_model_functions_refuse_a_non_module_and_bad_modules_to_save():
+    with pytest.raises(TypeError, match="merge_pathways: model must be an nn.Module, got NoneType"):
+        merge_pathways(None)
+    with pytest.raises(TypeError, match="mark_only_scales_trainable: model must be an nn.Module, got NoneType"):
+        mark_only_scales_trainable(None)
+    target, aux = toy_pair()
+    add_pathways(target, aux)
+    before = {n: p.requires_grad for n, p in target.named_parameters()}
+    for bad in (None, [1], 3):
+        with pytest.raises(TypeError, match=re.escape(f"mark_only_scales_trainable: modules_to_save must be a module "
+                                                      f"name or a list of names, got {bad!r}; pass () to train only λ")):
+            mark_only_scales_trainable(target, modules_to_save=bad)
+    assert {n: p.requires_grad for n, p in target.named_parameters()} == before
+
+
+def test_reparameterize_refuses_wrong_argument_types():
+    """main_body_name=123 or layer_names=[1] gave "decoding to str: need a bytes-like object", layer_names=None
+    "'NoneType' object is not iterable"."""
+    target, aux = toy_pair()
+    with pytest.raises(TypeError, match=re.escape("reparameterize_aux_into_target_model: main_body_name must be the "
+                                                  "name of the target's block list (a str such as 'blocks') or None "
+                                                  "(the models are the block lists), got 123 (int)")):
+        reparameterize_aux_into_target_model(target, aux, main_body_name=123)
+    for bad in ([1], None, ("attn.qkv", b"mlp.fc1")):
+        with pytest.raises(TypeError, match=re.escape("reparameterize_aux_into_target_model: layer_names must be a list "
+                                                      "of the layer names inside each block (str, e.g. ('attn.qkv', "
+                                                      f"'attn.proj', 'mlp.fc1', 'mlp.fc2'), the default), got {bad!r}")):
+            reparameterize_aux_into_target_model(target, aux, layer_names=bad)
+    with pytest.raises(ValueError, match="reparameterize_aux_into_target_model: layer_names is empty"):
+        reparameterize_aux_into_target_model(target, aux, layer_names=[])
+    with pytest.raises(TypeError, match="reparameterize_aux_into_target_model: target_model must be an nn.Module, "
+                                        "got NoneType"):
+        reparameterize_aux_into_target_model(None, aux)
+    assert not pathway_names(target)
+    reparameterize_aux_into_target_model(target, aux, layer_names=iter(["mlp.fc1"]))  # any iterable of names
+    assert pathway_names(target) == ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1", "blocks.2.mlp.fc1"]
