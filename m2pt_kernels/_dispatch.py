@@ -19,8 +19,8 @@ import contextlib
 import importlib
 import importlib.util
 import os
+import threading
 from types import ModuleType
-from typing import Iterator
 
 import torch
 
@@ -122,25 +122,45 @@ def available_backends() -> list[str]:
     return [name for name, (ok, _) in backend_status().items() if ok]
 
 
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[str]:
+class use_backend(contextlib.ContextDecorator):
     """Context manager selecting the backend for ``cross_modal_linear`` inside its block.
 
-    ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``. A backend that cannot run in
-    this process is refused here, at entry, with the reason. The choice is process-wide while the
-    block runs (other threads see it too, like ``torch.nn.attention.sdpa_kernel``); the innermost
-    block still open wins, and a block that ends removes only its own choice.
+    ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``. An unknown name, or a backend
+    that cannot run in this process, is refused here, at the call, with the reason. The choice is
+    process-wide while the block runs (other threads see it too, like
+    ``torch.nn.attention.sdpa_kernel``); the innermost block still open wins, and a block that ends
+    removes only its own choice. ``with use_backend(name) as chosen:`` gives the name; one object may
+    be entered again, nested or from several threads, each block with its own entry. As a decorator
+    (``@use_backend("reference")``) it selects the backend for each call of the function.
     """
-    _check_name(name, "use_backend")
-    if name != "auto":
-        ok, why = backend_status()[name]
-        if not ok:
-            raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
-    entry = (name,)  # a new object per block: removed by identity
-    _override.append(entry)
-    try:
-        yield name
-    finally:
+
+    def __init__(self, name: str):
+        _check_name(name, "use_backend")
+        if name != "auto":
+            ok, why = backend_status()[name]
+            if not ok:
+                raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
+        self.name = name
+        self._open: dict[int, list[tuple[str]]] = {}  # thread -> the entries of its open blocks, innermost last
+
+    def __repr__(self) -> str:
+        return f"use_backend({self.name!r})"
+
+    def __enter__(self) -> str:
+        entry = (self.name,)  # a new object per block: removed by identity
+        self._open.setdefault(threading.get_ident(), []).append(entry)
+        _override.append(entry)
+        return self.name
+
+    def __exit__(self, *exc_info) -> None:
+        thread = threading.get_ident()
+        mine = self._open.get(thread)
+        if not mine:
+            raise RuntimeError(f"{self!r}: __exit__ without a block of this thread open; use it as "
+                               "'with use_backend(name):'")
+        entry = mine.pop()
+        if not mine:
+            del self._open[thread]
         for i in range(len(_override) - 1, -1, -1):
             if _override[i] is entry:
                 del _override[i]

@@ -23,6 +23,7 @@ keys the cache on a process-wide optimizer-step counter.)
 """
 from __future__ import annotations
 
+import numbers
 from typing import Iterator, List, Tuple
 
 import torch
@@ -41,6 +42,37 @@ def _pathway_layers(model: nn.Module) -> Iterator[Tuple[str, FusedCrossModalLine
     for name, module in model.named_modules():
         if isinstance(module, FusedCrossModalLinear):
             yield name, module
+
+
+def _require_pathways(model: nn.Module, where: str) -> List[Tuple[str, FusedCrossModalLinear]]:
+    """The pathway layers of ``model``; a ValueError when there are none (called before
+    ``add_pathways``, or after ``merge_pathways``), where the helper would silently do nothing."""
+    layers = list(_pathway_layers(model))
+    if not layers:
+        raise ValueError(
+            f"{where}: the model ({type(model).__name__}) has no pathway layers (FusedCrossModalLinear), so "
+            "there is nothing to do; call it after m2pt_kernels.add_pathways(model, aux), which creates them")
+    return layers
+
+
+def _check_src(src, group, where: str) -> int:
+    """``src`` as an int if it is a (global) rank of ``group``, else an error naming it and the ranks
+    (the collective itself would only say 'invalid root rank')."""
+    import torch.distributed as dist
+    if not isinstance(src, numbers.Integral) or isinstance(src, bool):
+        raise TypeError(f"{where}: src must be an int, the global rank to copy from (default 0); "
+                        f"got {type(src).__name__} {src!r}")
+    if group is None:
+        world = dist.get_world_size()
+        ranks, shown = range(world), f"the default process group (world size {world}: ranks 0..{world - 1})"
+    elif isinstance(group, dist.ProcessGroup):
+        ranks = dist.get_process_group_ranks(group)
+        shown = f"the given group (size {len(ranks)}: global ranks {ranks})"
+    else:  # not a group of this rank (GroupMember.NON_GROUP_MEMBER) or not a group: torch's own handling
+        return int(src)
+    if src not in ranks:
+        raise ValueError(f"{where}: src={src} is not a rank of {shown}; pass one of them (default 0)")
+    return int(src)
 
 
 def aux_buffers(model: nn.Module) -> List[Tuple[str, Tensor]]:
@@ -71,14 +103,17 @@ def broadcast_aux_buffers(model: nn.Module, src: int = 0, group=None) -> nn.Modu
     """Copy every frozen auxiliary weight of ``model`` from rank ``src`` to all ranks, in place.
 
     Works on a plain model, a DDP-wrapped one and one after ``fully_shard`` (buffers stay plain
-    tensors there). Collective: every rank must call it. Returns ``model``.
+    tensors there). Collective: every rank must call it. Returns ``model``. A model without pathway
+    layers (before ``add_pathways``) is a ValueError: there would be nothing to copy.
     """
+    layers = _require_pathways(model, "broadcast_aux_buffers")
     _default_group_check("broadcast_aux_buffers")
+    src = _check_src(src, group, "broadcast_aux_buffers")
     import torch.distributed as dist
     for _, buf in aux_buffers(model):
         with torch.no_grad():
             dist.broadcast(buf, src=src, group=group)
-    for _, layer in _pathway_layers(model):
+    for _, layer in layers:
         layer.clear_merged_cache()  # drop anything merged from the old W'
     return model
 
@@ -87,9 +122,12 @@ def check_aux_buffers_consistent(model: nn.Module, src: int = 0, group=None) -> 
     """Raise a RuntimeError on every rank if any frozen auxiliary weight differs from rank ``src``'s.
 
     The error names the layers and the ranks that differ. Collective: every rank must call it; it
-    sends every buffer once, so use it at setup time, not every step.
+    sends every buffer once, so use it at setup time, not every step. A model without pathway layers
+    (before ``add_pathways``) is a ValueError: there would be nothing to check.
     """
+    _require_pathways(model, "check_aux_buffers_consistent")
     _default_group_check("check_aux_buffers_consistent")
+    src = _check_src(src, group, "check_aux_buffers_consistent")
     import torch.distributed as dist
     buffers = aux_buffers(model)
     mismatched = []
@@ -114,8 +152,10 @@ def disable_merged_weight_cache(model: nn.Module) -> nn.Module:
     """Turn off the merged-weight cache of every pathway layer (for FSDP2; see the module docstring).
 
     The no-grad path still runs one GEMM on ``W + λ·W'``, computed afresh each call. Returns ``model``.
+    Call it after ``add_pathways``: on a model without pathway layers it is a ValueError, since the
+    layers it would set up do not exist yet.
     """
-    for _, layer in _pathway_layers(model):
+    for _, layer in _require_pathways(model, "disable_merged_weight_cache"):
         layer.cache_merged_weight = False
         layer.clear_merged_cache()
     return model

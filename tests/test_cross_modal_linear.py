@@ -304,6 +304,55 @@ def test_use_backend_blocks_ending_out_of_order(monkeypatch):
     assert _dispatch.requested_backend() == "auto" and not _dispatch._override
 
 
+def test_use_backend_refuses_a_bad_name_at_the_call(monkeypatch):
+    """Called without ``with`` (a forgotten ``with``, a typo), the name is checked all the same."""
+    monkeypatch.delenv("M2PT_BACKEND", raising=False)
+    with pytest.raises(ValueError, match=r"unknown m2pt_kernels backend 'tritonn' \(from use_backend\); choose one"):
+        use_backend("tritonn")
+    status = dict(_dispatch.backend_status())
+    status["cuda"] = (False, "pretend: not built")
+    monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
+        use_backend("cuda")
+    assert _dispatch.requested_backend() == "auto" and not _dispatch._override
+
+
+def test_use_backend_object_can_be_entered_again(monkeypatch):
+    """One object, entered again after its block, inside its own block, and from two threads whose
+    blocks interleave with another's: each block adds its own entry and removes only that one."""
+    from concurrent.futures import ThreadPoolExecutor
+    monkeypatch.delenv("M2PT_BACKEND", raising=False)
+    ref, auto = use_backend("reference"), use_backend("auto")
+    assert not _dispatch._override  # making it selects nothing
+    for _ in range(2):
+        with ref as name:
+            assert name == "reference" == _dispatch.requested_backend()
+        assert not _dispatch._override
+    with ref, auto:
+        with ref:
+            assert _dispatch.requested_backend() == "reference"
+        assert _dispatch.requested_backend() == "auto"
+    assert not _dispatch._override
+    with ThreadPoolExecutor(1) as a, ThreadPoolExecutor(1) as b:  # two long-lived threads
+        a.submit(ref.__enter__).result()
+        auto.__enter__()
+        b.submit(ref.__enter__).result()
+        a.submit(ref.__exit__, None, None, None).result()  # thread a's block ends: b's entry stays on top
+        assert _dispatch.requested_backend() == "reference"
+        b.submit(ref.__exit__, None, None, None).result()
+        assert _dispatch.requested_backend() == "auto"
+        auto.__exit__(None, None, None)
+    assert not _dispatch._override
+
+    @use_backend("reference")  # as a decorator (the contextlib version was one): each call selects it
+    def chosen():
+        return _dispatch.requested_backend()
+
+    with use_backend("auto"):
+        assert chosen() == chosen() == "reference" and _dispatch.requested_backend() == "auto"
+    assert not _dispatch._override
+
+
 def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     status = dict(_dispatch.backend_status())
     status["cuda"] = (False, "pretend: not built")

@@ -124,6 +124,49 @@ def test_disable_merged_weight_cache_returns_model_and_turns_cache_off():
     assert rel_err(y, ref) < 1e-5
 
 
+def test_distributed_helpers_refuse_a_model_without_pathways():
+    """Called before add_pathways they used to do nothing: the cache stayed on once pathways came."""
+    from m2pt_kernels.distributed import (broadcast_aux_buffers, check_aux_buffers_consistent,
+                                          disable_merged_weight_cache)
+    from m2pt_kernels.models import vit_for_images
+    plain = vit_for_images(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2)
+    for helper in (disable_merged_weight_cache, broadcast_aux_buffers, check_aux_buffers_consistent):
+        with pytest.raises(ValueError, match=rf"{helper.__name__}: the model \(VisionTransformer\) has no pathway "
+                                             r"layers .*call it after m2pt_kernels.add_pathways"):
+            helper(plain)
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A gloo group of this process alone (world size 1), destroyed afterwards."""
+    dist = torch.distributed
+    if not _gloo_ok():
+        pytest.skip("gloo backend not available")
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialized in this process")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_src_must_be_a_rank_of_the_group(one_process_group):
+    """gloo said only 'invalid root rank: 5' (src=5) or 'Must specify global_rank' (src=None)."""
+    from m2pt_kernels.distributed import broadcast_aux_buffers, check_aux_buffers_consistent
+    model = w.build_model(False, False, depth=1)
+    for helper in (broadcast_aux_buffers, check_aux_buffers_consistent):
+        with pytest.raises(ValueError, match=rf"{helper.__name__}: src=5 is not a rank of the default process "
+                                             r"group \(world size 1: ranks 0..0\); pass one of them"):
+            helper(model, src=5)
+        for bad in (None, "0", True):
+            with pytest.raises(TypeError, match=rf"{helper.__name__}: src must be an int, the global rank .* "
+                                                 f"got {type(bad).__name__}"):
+                helper(model, src=bad)
+    assert broadcast_aux_buffers(model, src=0) is model
+    check_aux_buffers_consistent(model, src=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs at least 1 CUDA device")
 @pytest.mark.skipif(not (torch.distributed.is_available() and torch.distributed.is_nccl_available()),

@@ -196,6 +196,68 @@ def test_bad_sizes_are_named():
     assert PointCloudEmbed(np.int64(4), 4, 8, 4, fps_start=np.int64(1))(torch.randn(1, 9, 3)).shape == (1, 4, 8)
 
 
+VIT_BAD_SIZES = [  # (argument, value, error, message): each used to build, or fail later with a raw error
+    ("mlp_ratio", "4", TypeError,
+     r"mlp_ratio must be a real number \(the MLP width over embed_dim, e.g. 4.0\), got str '4'"),
+    ("mlp_ratio", True, TypeError, "mlp_ratio must be a real number"),
+    ("mlp_ratio", -1, ValueError, r"mlp_ratio must be a positive finite number \(the MLP .*\), got -1"),
+    ("mlp_ratio", float("nan"), ValueError, "mlp_ratio must be a positive finite number"),
+    ("mlp_ratio", 0.01, ValueError,
+     r"mlp_ratio=0.01 gives an MLP of int\(8 \* 0.01\) = 0 units; use mlp_ratio ≥ 1/8"),
+    ("depth", -1, ValueError, "depth must be a positive int, got -1"),
+    ("depth", 0, ValueError, "depth must be a positive int, got 0"),
+    ("depth", 2.0, TypeError, "depth must be an int, got float 2.0"),
+    ("num_classes", -1, ValueError, "num_classes must be an int ≥ 0, got -1"),
+    ("num_classes", 2.5, TypeError, "num_classes must be an int, got float 2.5"),
+    ("num_heads", 0, ValueError, "num_heads must be a positive int, got 0"),
+    ("num_heads", -2, ValueError, "num_heads must be a positive int, got -2"),
+    ("num_heads", 2.0, TypeError, "num_heads must be an int, got float 2.0"),
+    ("num_heads", 3, ValueError, "embed_dim=8 is not divisible by num_heads=3; use a num_heads that divides embed_dim"),
+]
+
+
+def test_vit_sizes_are_checked_up_front():
+    small = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=2, num_classes=3)
+    for arg, value, exc, message in VIT_BAD_SIZES:
+        with pytest.raises(exc, match=f"^VisionTransformer: {message}"):
+            vit_for_images(**{**small, arg: value})
+    from m2pt_kernels.models import Attention, Block, Mlp
+    with pytest.raises(TypeError, match="Block: mlp_ratio must be a real number .* got str '4'"):
+        Block(2, 1, mlp_ratio="4")  # was int(2 * "4"): a 44-wide MLP (44,444,444 at embed_dim 8)
+    with pytest.raises(ValueError, match="Attention: num_heads must be a positive int, got 0"):
+        Attention(8, 0)  # was a ZeroDivisionError
+    with pytest.raises(ValueError, match="Attention: embed_dim=8 is not divisible by num_heads=3"):
+        Attention(8, 3)
+    with pytest.raises(TypeError, match="Mlp: hidden must be an int, got float 2.5"):
+        Mlp(8, 2.5)
+    # still accepted: no head for num_classes=0 (the features), NumPy integers and floats
+    x = torch.randn(2, 1, 8, 8)
+    assert vit_for_images(**{**small, "num_classes": 0})(x).shape == (2, 8)
+    np = pytest.importorskip("numpy")
+    model = vit_for_images(**{**small, "depth": np.int64(2), "num_heads": np.int64(4), "mlp_ratio": np.float64(1.5)})
+    assert len(model.blocks) == 2 and model.blocks[0].attn.num_heads == 4
+    assert model.blocks[0].mlp.fc1.out_features == 12
+    assert model(x).shape == (2, 3)
+
+
+def test_point_helpers_need_int_counts():
+    """A float count used to fail inside torch ("empty()/topk() must be int"), True to count as 1."""
+    pts = torch.randn(2, 10, 3)
+    for bad in (2.0, "2", True, None):
+        with pytest.raises(TypeError,
+                           match=f"farthest_point_sample: num_samples must be an int, got {type(bad).__name__}"):
+            farthest_point_sample(pts, bad)
+        with pytest.raises(TypeError, match=f"knn_indices: k must be an int, got {type(bad).__name__}"):
+            knn_indices(pts, pts, bad)
+    with pytest.raises(TypeError, match="group_points: group_size must be an int, got float 2.0"):
+        group_points(pts, 2, 2.0)
+    with pytest.raises(TypeError, match="group_points: num_groups must be an int, got float 2.0"):
+        group_points(pts, 2.0, 2)
+    np = pytest.importorskip("numpy")
+    assert farthest_point_sample(pts, np.int64(3)).shape == (2, 3)
+    assert knn_indices(pts, pts, np.int64(2)).shape == (2, 10, 2)
+
+
 @pytest.mark.parametrize("fraction", [0.0, 1.0, -0.2, 1e-4, 0.9999])
 def test_digits_split_rejects_a_fraction_that_empties_a_side(fraction):
     pytest.importorskip("sklearn")

@@ -56,6 +56,12 @@ def _pair(v, name: str, owner: str) -> tuple[int, int]:
     return _positive_int(a, name, owner), _positive_int(b, name, owner)
 
 
+def _check_int(v, name: str, owner: str) -> None:
+    """A TypeError naming ``v`` unless it is an integer (Python or NumPy, not a bool)."""
+    if not _is_index(v):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} {v!r}")
+
+
 def _float_dtype(t: Tensor) -> torch.dtype:
     """The dtype to measure point distances in: fp32 for bf16 / fp16 (whose squared distances round
     to 3 digits, or overflow past 65504 in fp16), the input's own for fp32 / fp64."""
@@ -194,6 +200,7 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample expects points of shape [B, P, 3], got {list(points.shape)}")
     B, P, _ = points.shape
+    _check_int(num_samples, "num_samples", "farthest_point_sample")
     if not 1 <= num_samples <= P:
         raise ValueError(f"farthest_point_sample: num_samples={num_samples} must be in [1, P={P}]")
     pts = points.detach().to(_float_dtype(points))
@@ -204,7 +211,7 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
         current = torch.full((B,), int(start) % P, dtype=torch.long, device=points.device)
     else:
         raise ValueError(f"farthest_point_sample: start must be 'farthest' or an index in [0, {P}), got {start!r}")
-    idx = torch.empty(B, num_samples, dtype=torch.long, device=points.device)
+    idx = torch.empty(B, int(num_samples), dtype=torch.long, device=points.device)
     min_dist = torch.full((B, P), float("inf"), dtype=pts.dtype, device=points.device)
     batch = torch.arange(B, device=points.device)
     for i in range(num_samples):
@@ -223,6 +230,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
             or queries.shape[-1] != points.shape[-1] or queries.shape[-1] == 0:
         raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be "
                          "[B, Q, D] and [B, P, D], D ≥ 1")
+    _check_int(k, "k", "knn_indices")
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must be in [1, P={points.shape[1]}]")
     dt = torch.promote_types(_float_dtype(queries), _float_dtype(points))
@@ -231,12 +239,14 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     for c in range(q.shape[-1]):
         diff = q[..., c].unsqueeze(2) - p[..., c].unsqueeze(1)
         d2 = diff * diff if d2 is None else d2.addcmul_(diff, diff)
-    return d2.topk(k, dim=-1, largest=False, sorted=True).indices
+    return d2.topk(int(k), dim=-1, largest=False, sorted=True).indices
 
 
 def group_points(points: Tensor, num_groups: int, group_size: int, start: str | int = "farthest"):
     """Point-MAE grouping: FPS centers ``[B, G, 3]`` and their kNN neighborhoods ``[B, G, k, 3]``
     expressed relative to the center."""
+    _check_int(num_groups, "num_groups", "group_points")
+    _check_int(group_size, "group_size", "group_points")
     centers_idx = farthest_point_sample(points, num_groups, start=start)
     batch = torch.arange(points.shape[0], device=points.device).unsqueeze(1)
     centers = points[batch, centers_idx]  # [B, G, 3]

@@ -12,13 +12,16 @@ The blocks call their linears as modules (``self.qkv(x)``), so after ``add_pathw
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
 from .tokenizers import (AudioPatchEmbed, ImagePatchEmbed, PointCloudEmbed, Tokenizer,
-                         VideoTubeletEmbed)
+                         VideoTubeletEmbed, _is_index)
 
 __all__ = [
     "Attention",
@@ -33,11 +36,45 @@ __all__ = [
 ]
 
 
+def _size(v, name: str, owner: str, minimum: int = 1) -> int:
+    """``v`` as an int if it is an integer (Python or NumPy, not a bool) ≥ ``minimum``: else a
+    TypeError (not an integer) or a ValueError (too small) naming it."""
+    if not _is_index(v):
+        raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} {v!r}")
+    if v < minimum:
+        raise ValueError(f"{owner}: {name} must be " + ("a positive int" if minimum == 1 else f"an int ≥ {minimum}")
+                         + f", got {v!r}")
+    return int(v)
+
+
+def _heads(dim, num_heads, owner: str) -> tuple[int, int]:
+    """``(dim, num_heads)`` checked: positive ints, ``num_heads`` dividing ``dim``."""
+    dim, num_heads = _size(dim, "embed_dim", owner), _size(num_heads, "num_heads", owner)
+    if dim % num_heads:
+        raise ValueError(f"{owner}: embed_dim={dim} is not divisible by num_heads={num_heads}; use a num_heads "
+                         "that divides embed_dim (each head gets embed_dim / num_heads channels)")
+    return dim, num_heads
+
+
+def _mlp_hidden(dim: int, mlp_ratio, owner: str) -> int:
+    """The MLP width ``int(dim * mlp_ratio)`` (as timm) for a finite ``mlp_ratio`` > 0 giving ≥ 1 unit."""
+    if not isinstance(mlp_ratio, numbers.Real) or isinstance(mlp_ratio, bool):
+        raise TypeError(f"{owner}: mlp_ratio must be a real number (the MLP width over embed_dim, e.g. 4.0), "
+                        f"got {type(mlp_ratio).__name__} {mlp_ratio!r}")
+    if not (math.isfinite(mlp_ratio) and mlp_ratio > 0):
+        raise ValueError(f"{owner}: mlp_ratio must be a positive finite number (the MLP width over embed_dim, "
+                         f"e.g. 4.0), got {mlp_ratio!r}")
+    hidden = int(dim * mlp_ratio)
+    if hidden < 1:
+        raise ValueError(f"{owner}: mlp_ratio={mlp_ratio!r} gives an MLP of int({dim} * {mlp_ratio!r}) = 0 units; "
+                         f"use mlp_ratio ≥ 1/{dim}")
+    return hidden
+
+
 class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True):
         super().__init__()
-        if dim % num_heads:
-            raise ValueError(f"Attention: embed_dim={dim} is not divisible by num_heads={num_heads}")
+        dim, num_heads = _heads(dim, num_heads, "Attention")
         self.num_heads, self.head_dim = num_heads, dim // num_heads
         self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
@@ -52,6 +89,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
+        dim, hidden = _size(dim, "dim", "Mlp"), _size(hidden, "hidden", "Mlp")
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
@@ -63,10 +101,12 @@ class Mlp(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True):
         super().__init__()
+        dim, num_heads = _heads(dim, num_heads, "Block")
+        hidden = _mlp_hidden(dim, mlp_ratio, "Block")
         self.norm1 = nn.LayerNorm(dim, eps=1e-6)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, hidden)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.norm1(x))
@@ -74,17 +114,27 @@ class Block(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    """tokenizer + cls token + ``depth`` pre-norm blocks + final norm + linear head on the cls token."""
+    """tokenizer + cls token + ``depth`` pre-norm blocks + final norm + linear head on the cls token.
+
+    ``num_classes=0``: no head (``nn.Identity``), the model returns the cls token's features
+    ``[B, embed_dim]``. The sizes are checked before anything is built: ``embed_dim``, ``depth``,
+    ``num_heads`` positive ints with ``num_heads`` dividing ``embed_dim``, ``num_classes`` an int ≥ 0,
+    ``mlp_ratio`` a positive finite number (MLP width ``int(embed_dim * mlp_ratio)``, at least 1)."""
 
     def __init__(self, tokenizer: Tokenizer, embed_dim: int, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, qkv_bias: bool = True):
         super().__init__()
+        embed_dim = _size(embed_dim, "embed_dim", "VisionTransformer")
         tok_dim = getattr(tokenizer, "embed_dim", None)
         if tok_dim != embed_dim:
             raise ValueError(
                 f"VisionTransformer: tokenizer {type(tokenizer).__name__} produces embed_dim={tok_dim}, "
                 f"the blocks expect embed_dim={embed_dim}; build the tokenizer with embed_dim={embed_dim}"
             )
+        num_heads = _heads(embed_dim, num_heads, "VisionTransformer")[1]
+        depth = _size(depth, "depth", "VisionTransformer")
+        _mlp_hidden(embed_dim, mlp_ratio, "VisionTransformer")
+        num_classes = _size(num_classes, "num_classes", "VisionTransformer", minimum=0)
         self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = embed_dim, depth, num_heads, mlp_ratio
         self.num_classes = num_classes
         self.tokenizer = tokenizer
