@@ -125,8 +125,10 @@ def available_backends() -> list[str]:
 class use_backend(contextlib.ContextDecorator):
     """Context manager selecting the backend for ``cross_modal_linear`` inside its block.
 
-    ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``. An unknown name, or a backend
-    that cannot run in this process, is refused here, at the call, with the reason. The choice is
+    ``name`` is one of ``auto``, ``reference``, ``triton``, ``cuda``: an unknown name is refused at the
+    call (a forgotten ``with`` still says so), a backend that cannot run in this process on entering
+    the block, with the reason (so ``@use_backend("cuda")`` on a function defined on a machine without
+    it fails only when the function is called). The choice is
     process-wide while the block runs (other threads see it too, like
     ``torch.nn.attention.sdpa_kernel``); the innermost block still open wins, and a block that ends
     removes only its own choice. ``with use_backend(name) as chosen:`` gives the name; one object may
@@ -136,10 +138,6 @@ class use_backend(contextlib.ContextDecorator):
 
     def __init__(self, name: str):
         _check_name(name, "use_backend")
-        if name != "auto":
-            ok, why = backend_status()[name]
-            if not ok:
-                raise RuntimeError(f"m2pt_kernels backend {name!r} is not available: {why}")
         self.name = name
         self._open: dict[int, list[tuple[str]]] = {}  # thread -> the entries of its open blocks, innermost last
 
@@ -147,6 +145,10 @@ class use_backend(contextlib.ContextDecorator):
         return f"use_backend({self.name!r})"
 
     def __enter__(self) -> str:
+        if self.name != "auto":
+            ok, why = backend_status()[self.name]
+            if not ok:
+                raise RuntimeError(f"m2pt_kernels backend {self.name!r} is not available: {why}")
         entry = (self.name,)  # a new object per block: removed by identity
         self._open.setdefault(threading.get_ident(), []).append(entry)
         _override.append(entry)

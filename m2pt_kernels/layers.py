@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import operator
 import warnings
 import weakref
 from typing import Optional, Union
@@ -77,23 +78,31 @@ def check_flag(where: str, name: str, value) -> bool:
     return bool(value)
 
 
-def check_size(where: str, name: str, value) -> int:
-    """A layer size (``in_features`` / ``out_features``): a non-negative integer (``int(2.7)`` would
-    silently build a layer of size 2). Returns it as an int."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{where}: {name} must be a non-negative integer, got {value!r} ({type(value).__name__}); "
-                        f"pass int({name}) if it is a whole number held in another type")
-    if value < 0:
-        raise ValueError(f"{where}: {name} must be a non-negative integer, got {value}")
-    return int(value)
+def check_size(where: str, name: str, value, minimum: int = 0) -> int:
+    """A size or count (a layer's ``in_features``, a model's ``depth``): an integer ≥ ``minimum`` (Python,
+    NumPy or a 0-d integer tensor, as ``nn.Linear`` takes them; not a bool: ``int(2.7)`` would silently
+    build a layer of size 2). Returns it as an int; else a TypeError (not an integer) or a ValueError
+    (too small) naming it. The one size rule of the package (layers, the ViT, the point-cloud helpers)."""
+    kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer ≥ {minimum}")
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{where}: {name} must be {kind}, got {value!r} ({type(value).__name__}); "
+                        f"pass int({name}) if it is a whole number held in another type") from None
+    if value < minimum:
+        raise ValueError(f"{where}: {name} must be {kind}, got {value}")
+    return value
 
 
-def has_pathway(m) -> bool:
-    """``m`` holds a pathway itself: a ``FusedCrossModalLinear``, or any layer with an ``aux_weight`` /
-    ``cross_modal_scale`` tensor (the paper's ``CrossModalReparamLinear``): its ``weight`` alone is not
-    the function it computes."""
-    return isinstance(m, FusedCrossModalLinear) or any(
-        isinstance(getattr(m, n, None), Tensor) for n in ("aux_weight", "cross_modal_scale"))
+def is_pathway_layer(m) -> bool:
+    """``m`` is a pathway layer: ours, or the paper's ``CrossModalReparamLinear`` (any layer holding W, W'
+    and λ as ``weight``, ``aux_weight``, ``cross_modal_scale``): its ``weight`` alone is not the function it
+    computes. The one test of it in the package (from_linear, add_pathways, merge_pathways, ...)."""
+    if isinstance(m, FusedCrossModalLinear):
+        return True
+    return all(isinstance(getattr(m, n, None), Tensor) for n in ("weight", "aux_weight", "cross_modal_scale"))
 
 
 def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_scale) -> float:
@@ -102,7 +111,8 @@ def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_
     would make every output and gradient non-finite from the first step). Returns ``scale_init`` as a float."""
     check_flag(where, "aux_trainable", aux_trainable)
     check_flag(where, "per_channel_scale", per_channel_scale)
-    if isinstance(scale_init, Tensor) and scale_init.numel() == 1 and scale_init.is_floating_point():
+    if isinstance(scale_init, Tensor) and scale_init.numel() == 1 and scale_init.dtype != torch.bool \
+            and not scale_init.is_complex():
         scale_init = scale_init.item()
     if isinstance(scale_init, bool) or not isinstance(scale_init, numbers.Real):
         raise TypeError(f"{where}: scale_init (λ's initial value) must be a real number, got {scale_init!r} "
@@ -112,11 +122,20 @@ def check_pathway_options(where: str, *, aux_trainable, scale_init, per_channel_
     return float(scale_init)
 
 
+# Why a tensor on the meta device can't be used (the errors about meta tensors share it)
+META_NO_VALUES = "it holds no values (built under torch.device('meta') or init_empty_weights, and never loaded)"
+
+
+def _is_fake(t: Tensor) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+    return is_fake(t)
+
+
 def check_aux_finite(aux: Tensor, what: str, where: str) -> None:
     """Refuse an auxiliary weight holding inf / NaN (a corrupt checkpoint): W' enters every output as
     λ·W', and 0·inf is NaN, so the model would compute NaN from its first step even at λ = 0.
     ``what`` names the tensor (the auxiliary key and its partner layer), ``where`` the caller."""
-    if aux.is_meta:
+    if aux.is_meta or _is_fake(aux):  # no values to check (shapes only: meta, FakeTensorMode, tracing)
         return
     bad = aux.numel() - int(torch.isfinite(aux).sum())
     if bad:
@@ -172,6 +191,8 @@ def remove_computed_hint(linear: nn.Module, name: str) -> str:
     from torch.nn.utils import parametrize
     if parametrize.is_parametrized(linear, name):
         return f"torch.nn.utils.parametrize.remove_parametrizations(module, {name!r})"
+    if hasattr(linear, name + "_orig") and hasattr(linear, name + "_mask"):  # torch.nn.utils.prune
+        return f"torch.nn.utils.prune.remove(module, {name!r})"
     return "torch.nn.utils.remove_weight_norm(module) / remove_spectral_norm(module), whichever hook it has"
 
 
@@ -278,8 +299,7 @@ class FusedCrossModalLinear(nn.Module):
                 "(aux_weight / cross_modal_scale keys).")
         if aux.is_meta and not like.is_meta:
             raise ValueError(
-                f"{where}: {what} is on the meta device: it holds no values (built under torch.device('meta') or "
-                "init_empty_weights, and never loaded). Load the auxiliary weights first (e.g. to_empty(device="
+                f"{where}: {what} is on the meta device: {META_NO_VALUES}. Load the auxiliary weights first (e.g. to_empty(device="
                 "'cpu') then load_state_dict(...)), or build the layer without them and load a checkpoint that "
                 "has the pathways.")
         check_aux_finite(aux, what, where)
@@ -311,7 +331,9 @@ class FusedCrossModalLinear(nn.Module):
         pathway layer is merged first) holding finite values; a meta ``linear`` takes only a meta ``aux``.
         """
         where = f"{cls.__name__}.from_linear"
-        if has_pathway(linear):
+        scale_init = check_pathway_options(where, aux_trainable=aux_trainable, scale_init=scale_init,
+                                           per_channel_scale=per_channel_scale)
+        if is_pathway_layer(linear):
             raise ValueError(f"{where}: this layer already has a pathway (it is a {type(linear).__name__} holding "
                              "aux_weight / cross_modal_scale); merge it first (m2pt_kernels.merge_pathways(layer) returns "
                              "the plain nn.Linear)")
@@ -323,7 +345,7 @@ class FusedCrossModalLinear(nn.Module):
                 "Hugging Face's Conv1D stores it transposed). Build FusedCrossModalLinear(in_features, "
                 "out_features, aux_weight=...) and copy that layer's weight in the right layout instead.")
         if isinstance(aux, nn.Module):
-            if has_pathway(aux):
+            if is_pathway_layer(aux):
                 raise ValueError(
                     f"{where}: aux ({type(aux).__name__}) has a pathway itself (aux_weight / cross_modal_scale): "
                     "its weight alone is not the function it computes (W + λ·W'). Merge it first "

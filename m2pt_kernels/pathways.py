@@ -36,10 +36,9 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Uni
 import torch
 import torch.nn as nn
 from torch import Tensor
-from torch.nn.utils import parametrize
 
-from .layers import (FusedCrossModalLinear, check_aux_finite, check_pathway_options, computed_weights,
-                     remove_computed_hint)
+from .layers import (META_NO_VALUES, FusedCrossModalLinear, check_aux_finite, check_pathway_options,
+                     computed_weights, is_pathway_layer, remove_computed_hint)
 from .ops.cross_modal_linear_reference import merged_weight
 
 __all__ = [
@@ -167,14 +166,6 @@ def _excluded(name: str, spec: Union[str, Sequence[str], None]) -> bool:
     return any(_component_match(name, p) for p in spec)
 
 
-def _is_pathway_module(m: nn.Module) -> bool:
-    """Ours, or the paper's ``CrossModalReparamLinear`` (any layer holding W, W' and λ)."""
-    if isinstance(m, FusedCrossModalLinear):
-        return True
-    return (isinstance(getattr(m, "weight", None), Tensor) and isinstance(getattr(m, "aux_weight", None), Tensor)
-            and isinstance(getattr(m, "cross_modal_scale", None), Tensor))
-
-
 def _check_regex(spec: str, what: str) -> None:
     try:
         re.compile(spec)
@@ -198,7 +189,7 @@ def _check_spec(spec, what: str):
 
 
 def _linear_names(model: nn.Module) -> List[str]:
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or _is_pathway_module(m)]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear) or is_pathway_layer(m)]
 
 
 def _select(model: nn.Module, config: PathwayConfig) -> Tuple[List[str], str]:
@@ -413,8 +404,7 @@ def save_checkpoint(state_dict: Mapping[str, Tensor], path: Union[str, "os.PathL
     bad = [k for k, v in state_dict.items() if v.is_meta]
     if bad:
         more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise ValueError(f"save_checkpoint: {bad[0]!r} is on the meta device{more}: it holds no values (built "
-                         "under torch.device('meta') or init_empty_weights, and never loaded). Load the weights "
+        raise ValueError(f"save_checkpoint: {bad[0]!r} is on the meta device{more}: {META_NO_VALUES}. Load the weights "
                          "first (model.to_empty(device='cpu'), then load_state_dict), then save")
     if suffix == ".safetensors":
         try:
@@ -688,7 +678,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
             "add_pathways: model is wrapped in DistributedDataParallel, which registered its parameters when it was "
             "built: the new λ (and a trainable W') would never be all-reduced and would drift apart across ranks. "
             "Add pathways to the plain model, then wrap it in DDP.")
-    existing = [n for n, m in model.named_modules() if _is_pathway_module(m)]
+    existing = [n for n, m in model.named_modules() if is_pathway_layer(m)]
     if existing:
         raise ValueError(
             f"add_pathways: this model already has pathways ({len(existing)} layers, e.g. {existing[0] or '(root)'!r}); "
@@ -768,8 +758,7 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
                 "pathways (aux_weight / cross_modal_scale keys).")
         if aux_w.is_meta and not target.weight.is_meta:
             raise ValueError(
-                f"add_pathways: the auxiliary {key!r} (partner of {name!r}) is on the meta device: it holds no "
-                "values (built under torch.device('meta') or init_empty_weights, and never loaded). Load the "
+                f"add_pathways: the auxiliary {key!r} (partner of {name!r}) is on the meta device: {META_NO_VALUES}. Load the "
                 "auxiliary weights before adding pathways, e.g. aux.to_empty(device='cpu') then "
                 "aux.load_state_dict(...), or pass the auxiliary checkpoint's path or state_dict instead.")
         check_aux_finite(aux_w, f"the auxiliary {key!r} (partner of {name!r})", "add_pathways")
@@ -785,7 +774,24 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
     return model
 
 
+def _fold_weight_hooks(m: nn.Module) -> None:
+    """The forward pre-hooks that compute ``m``'s weight from other tensors (the hook-based weight_norm /
+    spectral_norm, torch.nn.utils.prune) run once more, so W is what the next forward would use, and are
+    then removed from ``m``: their result is folded into the merged weight, and the merged nn.Linear (which
+    shares ``m``'s hook dicts, see _carry_hooks) has no weight_g / weight_orig / mask for them."""
+    from torch.nn.utils import prune
+    from torch.nn.utils.spectral_norm import SpectralNorm
+    from torch.nn.utils.weight_norm import WeightNorm
+    kinds = (WeightNorm, SpectralNorm, prune.BasePruningMethod)
+    for key, hook in list(m._forward_pre_hooks.items()):
+        if isinstance(hook, kinds):
+            with torch.no_grad():
+                hook(m, ())
+            del m._forward_pre_hooks[key]
+
+
 def _merge_module(m: nn.Module) -> nn.Linear:
+    _fold_weight_hooks(m)
     if isinstance(m, FusedCrossModalLinear):
         return _carry_hooks(m, m.merge())
     # the paper's CrossModalReparamLinear (or a compatible layer)
@@ -807,32 +813,26 @@ def merge_pathways(model: nn.Module) -> nn.Module:
     Works on layers of this package and the paper's ``CrossModalReparamLinear``. The merged model's
     state_dict loads with ``strict=True`` into the unconverted architecture and computes the same
     function. Forward and backward hooks registered on a pathway layer are kept: they fire on its merged
-    ``nn.Linear``, and their handles still remove them. (A model that *is* one pathway layer cannot change
-    in place: the merged layer is returned.)
+    ``nn.Linear``, and their handles still remove them (a hook that reads the pathway layer's own
+    attributes, such as ``cross_modal_scale``, then fails: remove it before merging). Hooks that compute
+    the weight (the hook-based weight_norm / spectral_norm, ``torch.nn.utils.prune``) are folded into it
+    instead. (A model that *is* one pathway layer cannot change in place: the merged layer is returned.)
     """
     _check_model(model, "merge_pathways")
     # every name of a shared (tied) layer, so each gets the one merged layer and the tie survives
-    found = ([("", model)] if _is_pathway_module(model) else
-             [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _is_pathway_module(m)])
+    found = ([("", model)] if is_pathway_layer(model) else
+             [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and is_pathway_layer(m)])
     if not found:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
                          "CrossModalReparamLinear layers): it is already merged or a plain model")
     for name, m in found:
-        # the hook-based weight_norm / spectral_norm: its forward pre-hook would be carried to the merged
-        # nn.Linear (see _carry_hooks), which has no weight_g / weight_orig for it to compute W from
-        hooked = [n for n in computed_weights(m) if not parametrize.is_parametrized(m, n)]
-        if hooked:
-            raise TypeError(
-                f"merge_pathways: {name or '(root)'!r} computes its {hooked[0]} in a forward pre-hook (the "
-                "hook-based weight_norm / spectral_norm), which the merged nn.Linear would keep but could not run. "
-                f"Remove it first ({remove_computed_hint(m, hooked[0])}), then merge.")
         if any(_is_dtensor(t) for t in (m.weight, m.aux_weight, m.cross_modal_scale)):
             raise ValueError(
                 f"merge_pathways: {name or '(root)'!r} holds sharded tensors (DTensor: FSDP2 / tensor parallel), "
                 "which can't be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("
                 "model, options=StateDictOptions(full_state_dict=True))) from torch.distributed.checkpoint"
                 ".state_dict, then load it into the plain model.")
-    if _is_pathway_module(model):
+    if is_pathway_layer(model):
         return _merge_module(model)
     merged: Dict[int, nn.Linear] = {}
     for name, m in found:
@@ -860,7 +860,7 @@ def mark_only_scales_trainable(model: nn.Module, modules_to_save: Union[str, Seq
     if bad:
         raise TypeError(f"mark_only_scales_trainable: modules_to_save must be a module name or a list of names, got "
                         f"{given!r}; pass () to train only λ, or ('head',) (the default) to train the head too")
-    layers = [m for m in model.modules() if _is_pathway_module(m)]
+    layers = [m for m in model.modules() if is_pathway_layer(m)]
     if not layers:
         raise ValueError("mark_only_scales_trainable: this model has no pathways (call add_pathways first)")
     saved = {p: [n for n, _ in model.named_modules() if n and _component_match(n, p)] for p in modules_to_save}

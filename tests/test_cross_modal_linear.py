@@ -312,9 +312,16 @@ def test_use_backend_refuses_a_bad_name_at_the_call(monkeypatch):
     status = dict(_dispatch.backend_status())
     status["cuda"] = (False, "pretend: not built")
     monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
-    with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
-        use_backend("cuda")
-    assert _dispatch.requested_backend() == "auto" and not _dispatch._override
+    cuda = use_backend("cuda")  # availability: on entering (a decorated function is defined anywhere)
+
+    @use_backend("cuda")
+    def needs_cuda():
+        return _dispatch.requested_backend()
+
+    for enter in (cuda.__enter__, needs_cuda):
+        with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
+            enter()
+        assert _dispatch.requested_backend() == "auto" and not _dispatch._override
 
 
 def test_use_backend_object_can_be_entered_again(monkeypatch):

@@ -177,6 +177,13 @@ def test_from_linear_refuses_a_computed_weight(parametrization):
         FusedCrossModalLinear.from_linear(lin, torch.randn(OUT, IN))
 
 
+def test_from_linear_refuses_a_pruned_weight_naming_prune_remove():
+    from torch.nn.utils import prune
+    lin = prune.l1_unstructured(nn.Linear(IN, OUT), "weight", amount=0.5)
+    with pytest.raises(TypeError, match=r"Linear\.weight is computed on every call.*torch\.nn\.utils\.prune\.remove"
+                                        r"\(module, 'weight'\)"):
+        FusedCrossModalLinear.from_linear(lin, torch.randn(OUT, IN))
+
 
 def test_meta_target_with_real_aux_and_meta_aux_are_refused():
     """A meta target keeps W' on meta: a real auxiliary weight would be dropped (after to_empty W' held
@@ -821,9 +828,9 @@ def test_jit_script_says_merge_first():
 def test_fx_symbolic_trace_names_the_leaf_module_remedy():
     _, _, layer = make_layer(lam=torch.tensor([0.3]))
     model = nn.Sequential(layer, nn.GELU())
-    for m in (model, model.eval()):
+    for mode in (model.train, model.eval):
         with pytest.raises(TypeError, match=r"torch\.fx Proxy.*leaf module.*register_notrace_module"):
-            torch.fx.symbolic_trace(m)
+            torch.fx.symbolic_trace(mode())
 
     class Tracer(torch.fx.Tracer):
         def is_leaf_module(self, m, qualname):
@@ -847,7 +854,7 @@ def test_bad_pathway_options_are_refused_everywhere(option, value, error):
     lin, aux = nn.Linear(IN, OUT), nn.Linear(IN, OUT)
     with pytest.raises(error, match=rf"^FusedCrossModalLinear: {option}"):
         FusedCrossModalLinear(IN, OUT, **{option: value})
-    with pytest.raises(error, match=rf"^FusedCrossModalLinear: {option}"):
+    with pytest.raises(error, match=rf"^FusedCrossModalLinear\.from_linear: {option}"):
         FusedCrossModalLinear.from_linear(lin, aux, **{option: value})
     with pytest.raises(error, match=rf"^PathwayConfig: {option}"):
         PathwayConfig(**{option: value})
@@ -865,3 +872,17 @@ def test_pathway_options_accept_numpy_and_torch_scalars():
                                   per_channel_scale=torch.tensor(True))
     assert not layer.aux_trainable and layer.per_channel_scale
     assert layer.cross_modal_scale.dtype == torch.float32 and torch.all(layer.cross_modal_scale == 0.5)
+    # sizes as nn.Linear takes them (0-d integer tensors too), an integer tensor λ
+    layer = FusedCrossModalLinear(torch.tensor(IN), np.int64(OUT), scale_init=torch.tensor(1))
+    assert (layer.in_features, layer.out_features) == (IN, OUT) and type(layer.in_features) is int
+    assert torch.all(layer.cross_modal_scale == 1.0)
+
+
+def test_fake_tensor_mode_builds_layers():
+    """Shapes only (FakeTensorMode, as torch.export / compile tooling builds modules): nothing to check
+    for finiteness, and no data-dependent error."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        layer = FusedCrossModalLinear(IN, OUT, aux_weight=torch.randn(OUT, IN))
+        other = FusedCrossModalLinear.from_linear(nn.Linear(IN, OUT), nn.Linear(IN, OUT))
+        assert layer(torch.randn(2, IN)).shape == other(torch.randn(2, IN)).shape == (2, OUT)

@@ -1,6 +1,7 @@
 """m2pt_kernels.models: tokenizer shapes, FPS / kNN against brute force, point-order invariance,
 and pathways from a model of one modality into a model of another through the shared block names."""
 import importlib.util
+import re
 
 import pytest
 import torch
@@ -204,14 +205,14 @@ VIT_BAD_SIZES = [  # (argument, value, error, message): each used to build, or f
     ("mlp_ratio", float("nan"), ValueError, "mlp_ratio must be a positive finite number"),
     ("mlp_ratio", 0.01, ValueError,
      r"mlp_ratio=0.01 gives an MLP of int\(8 \* 0.01\) = 0 units; use mlp_ratio ≥ 1/8"),
-    ("depth", -1, ValueError, "depth must be a positive int, got -1"),
-    ("depth", 0, ValueError, "depth must be a positive int, got 0"),
-    ("depth", 2.0, TypeError, "depth must be an int, got float 2.0"),
-    ("num_classes", -1, ValueError, "num_classes must be an int ≥ 0, got -1"),
-    ("num_classes", 2.5, TypeError, "num_classes must be an int, got float 2.5"),
-    ("num_heads", 0, ValueError, "num_heads must be a positive int, got 0"),
-    ("num_heads", -2, ValueError, "num_heads must be a positive int, got -2"),
-    ("num_heads", 2.0, TypeError, "num_heads must be an int, got float 2.0"),
+    ("depth", -1, ValueError, "depth must be a positive integer, got -1"),
+    ("depth", 0, ValueError, "depth must be a positive integer, got 0"),
+    ("depth", 2.0, TypeError, r"depth must be a positive integer, got 2.0 \(float\)"),
+    ("num_classes", -1, ValueError, "num_classes must be a non-negative integer, got -1"),
+    ("num_classes", 2.5, TypeError, r"num_classes must be a non-negative integer, got 2.5 \(float\)"),
+    ("num_heads", 0, ValueError, "num_heads must be a positive integer, got 0"),
+    ("num_heads", -2, ValueError, "num_heads must be a positive integer, got -2"),
+    ("num_heads", 2.0, TypeError, r"num_heads must be a positive integer, got 2.0 \(float\)"),
     ("num_heads", 3, ValueError, "embed_dim=8 is not divisible by num_heads=3; use a num_heads that divides embed_dim"),
 ]
 
@@ -224,11 +225,11 @@ def test_vit_sizes_are_checked_up_front():
     from m2pt_kernels.models import Attention, Block, Mlp
     with pytest.raises(TypeError, match="Block: mlp_ratio must be a real number .* got str '4'"):
         Block(2, 1, mlp_ratio="4")  # was int(2 * "4"): a 44-wide MLP (44,444,444 at embed_dim 8)
-    with pytest.raises(ValueError, match="Attention: num_heads must be a positive int, got 0"):
+    with pytest.raises(ValueError, match="Attention: num_heads must be a positive integer, got 0"):
         Attention(8, 0)  # was a ZeroDivisionError
     with pytest.raises(ValueError, match="Attention: embed_dim=8 is not divisible by num_heads=3"):
         Attention(8, 3)
-    with pytest.raises(TypeError, match="Mlp: hidden must be an int, got float 2.5"):
+    with pytest.raises(TypeError, match=r"Mlp: hidden must be a positive integer, got 2.5 \(float\)"):
         Mlp(8, 2.5)
     # still accepted: no head for num_classes=0 (the features), NumPy integers and floats
     x = torch.randn(2, 1, 8, 8)
@@ -244,14 +245,14 @@ def test_point_helpers_need_int_counts():
     """A float count used to fail inside torch ("empty()/topk() must be int"), True to count as 1."""
     pts = torch.randn(2, 10, 3)
     for bad in (2.0, "2", True, None):
-        with pytest.raises(TypeError,
-                           match=f"farthest_point_sample: num_samples must be an int, got {type(bad).__name__}"):
+        got = re.escape(f"got {bad!r} ({type(bad).__name__})")
+        with pytest.raises(TypeError, match=f"farthest_point_sample: num_samples must be a positive integer, {got}"):
             farthest_point_sample(pts, bad)
-        with pytest.raises(TypeError, match=f"knn_indices: k must be an int, got {type(bad).__name__}"):
+        with pytest.raises(TypeError, match=f"knn_indices: k must be a positive integer, {got}"):
             knn_indices(pts, pts, bad)
-    with pytest.raises(TypeError, match="group_points: group_size must be an int, got float 2.0"):
+    with pytest.raises(TypeError, match=r"group_points: group_size must be a positive integer, got 2.0 \(float\)"):
         group_points(pts, 2, 2.0)
-    with pytest.raises(TypeError, match="group_points: num_groups must be an int, got float 2.0"):
+    with pytest.raises(TypeError, match=r"group_points: num_groups must be a positive integer, got 2.0 \(float\)"):
         group_points(pts, 2.0, 2)
     np = pytest.importorskip("numpy")
     assert farthest_point_sample(pts, np.int64(3)).shape == (2, 3)

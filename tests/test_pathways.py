@@ -302,23 +302,36 @@ def test_hooks_survive_add_and_merge_and_their_handles_still_remove_them():
     assert calls == ["Linear"]
 
 
-@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm"])
-def test_merge_refuses_a_hook_based_weight_norm_on_a_pathway_layer(hook):
-    """Its forward pre-hook would be carried to the merged nn.Linear, which has no weight_g / weight_orig to run it
-    on: refused before anything changes, with the remedy."""
+@pytest.mark.parametrize("hook", ["weight_norm", "spectral_norm", "prune"])
+def test_merge_folds_a_hook_computed_weight_and_carries_the_other_hooks(hook):
+    """A pathway layer whose W a forward pre-hook computes (hook-based weight_norm / spectral_norm, prune) merges
+    to the function it computes; that hook is folded in, not carried (the merged nn.Linear has no weight_g /
+    weight_orig / mask for it), and the user's own hooks still fire on the merged layer."""
     target, aux = toy_pair()
     add_pathways(target, aux)
+    layer = target.blocks[2].mlp.fc1
+    with torch.no_grad():
+        layer.cross_modal_scale.fill_(0.4)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.nn.utils.weight_norm is deprecated
-        getattr(nn.utils, hook)(target.blocks[2].mlp.fc1)
-    with pytest.raises(TypeError, match=r"merge_pathways: 'blocks\.2\.mlp\.fc1' computes its weight in a forward "
-                                        r"pre-hook.*remove_weight_norm\(module\) / remove_spectral_norm"):
-        merge_pathways(target)
-    assert len(pathway_names(target)) == 3 * 4
-    getattr(nn.utils, f"remove_{hook}")(target.blocks[2].mlp.fc1)
+        if hook == "prune":
+            from torch.nn.utils import prune
+            prune.l1_unstructured(layer, "weight", amount=0.5)
+        else:
+            getattr(nn.utils, hook)(layer)
+    seen = []
+    layer.register_forward_hook(lambda mod, args, out: seen.append(type(mod).__name__))
+    target.eval()
+    x = torch.randn(2, 5, 10)
+    with torch.no_grad():
+        before = target(x)
     merge_pathways(target)
     assert not pathway_names(target)
-    target(torch.randn(2, 5, 10))
+    merged = target.blocks[2].mlp.fc1
+    assert type(merged) is nn.Linear and not merged._forward_pre_hooks
+    with torch.no_grad():
+        assert rel_err(target(x), before) < 1e-6
+    assert seen == ["FusedCrossModalLinear", "Linear"]
 
 
 # ---------------------------------------------------------------------------- linear probing

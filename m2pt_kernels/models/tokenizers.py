@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from ..layers import check_size
+
 __all__ = [
     "Tokenizer",
     "ImagePatchEmbed",
@@ -54,12 +56,6 @@ def _pair(v, name: str, owner: str) -> tuple[int, int]:
     except (TypeError, ValueError):
         raise ValueError(f"{owner}: {name} must be a positive integer or a pair of them, got {v!r}") from None
     return _positive_int(a, name, owner), _positive_int(b, name, owner)
-
-
-def _check_int(v, name: str, owner: str) -> None:
-    """A TypeError naming ``v`` unless it is an integer (Python or NumPy, not a bool)."""
-    if not _is_index(v):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} {v!r}")
 
 
 def _float_dtype(t: Tensor) -> torch.dtype:
@@ -200,7 +196,7 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample expects points of shape [B, P, 3], got {list(points.shape)}")
     B, P, _ = points.shape
-    _check_int(num_samples, "num_samples", "farthest_point_sample")
+    check_size("farthest_point_sample", "num_samples", num_samples, 1)
     if not 1 <= num_samples <= P:
         raise ValueError(f"farthest_point_sample: num_samples={num_samples} must be in [1, P={P}]")
     pts = points.detach().to(_float_dtype(points))
@@ -230,7 +226,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
             or queries.shape[-1] != points.shape[-1] or queries.shape[-1] == 0:
         raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be "
                          "[B, Q, D] and [B, P, D], D ≥ 1")
-    _check_int(k, "k", "knn_indices")
+    check_size("knn_indices", "k", k, 1)
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must be in [1, P={points.shape[1]}]")
     dt = torch.promote_types(_float_dtype(queries), _float_dtype(points))
@@ -245,8 +241,8 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
 def group_points(points: Tensor, num_groups: int, group_size: int, start: str | int = "farthest"):
     """Point-MAE grouping: FPS centers ``[B, G, 3]`` and their kNN neighborhoods ``[B, G, k, 3]``
     expressed relative to the center."""
-    _check_int(num_groups, "num_groups", "group_points")
-    _check_int(group_size, "group_size", "group_points")
+    check_size("group_points", "num_groups", num_groups, 1)
+    check_size("group_points", "group_size", group_size, 1)
     centers_idx = farthest_point_sample(points, num_groups, start=start)
     batch = torch.arange(points.shape[0], device=points.device).unsqueeze(1)
     centers = points[batch, centers_idx]  # [B, G, 3]

@@ -20,8 +20,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..layers import check_size
 from .tokenizers import (AudioPatchEmbed, ImagePatchEmbed, PointCloudEmbed, Tokenizer,
-                         VideoTubeletEmbed, _is_index)
+                         VideoTubeletEmbed)
 
 __all__ = [
     "Attention",
@@ -36,20 +37,9 @@ __all__ = [
 ]
 
 
-def _size(v, name: str, owner: str, minimum: int = 1) -> int:
-    """``v`` as an int if it is an integer (Python or NumPy, not a bool) ≥ ``minimum``: else a
-    TypeError (not an integer) or a ValueError (too small) naming it."""
-    if not _is_index(v):
-        raise TypeError(f"{owner}: {name} must be an int, got {type(v).__name__} {v!r}")
-    if v < minimum:
-        raise ValueError(f"{owner}: {name} must be " + ("a positive int" if minimum == 1 else f"an int ≥ {minimum}")
-                         + f", got {v!r}")
-    return int(v)
-
-
 def _heads(dim, num_heads, owner: str) -> tuple[int, int]:
     """``(dim, num_heads)`` checked: positive ints, ``num_heads`` dividing ``dim``."""
-    dim, num_heads = _size(dim, "embed_dim", owner), _size(num_heads, "num_heads", owner)
+    dim, num_heads = check_size(owner, "embed_dim", dim, 1), check_size(owner, "num_heads", num_heads, 1)
     if dim % num_heads:
         raise ValueError(f"{owner}: embed_dim={dim} is not divisible by num_heads={num_heads}; use a num_heads "
                          "that divides embed_dim (each head gets embed_dim / num_heads channels)")
@@ -89,7 +79,7 @@ class Attention(nn.Module):
 class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        dim, hidden = _size(dim, "dim", "Mlp"), _size(hidden, "hidden", "Mlp")
+        dim, hidden = check_size("Mlp", "dim", dim, 1), check_size("Mlp", "hidden", hidden, 1)
         self.fc1 = nn.Linear(dim, hidden)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim)
@@ -124,7 +114,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, tokenizer: Tokenizer, embed_dim: int, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, num_classes: int = 1000, qkv_bias: bool = True):
         super().__init__()
-        embed_dim = _size(embed_dim, "embed_dim", "VisionTransformer")
+        embed_dim = check_size("VisionTransformer", "embed_dim", embed_dim, 1)
         tok_dim = getattr(tokenizer, "embed_dim", None)
         if tok_dim != embed_dim:
             raise ValueError(
@@ -132,9 +122,9 @@ class VisionTransformer(nn.Module):
                 f"the blocks expect embed_dim={embed_dim}; build the tokenizer with embed_dim={embed_dim}"
             )
         num_heads = _heads(embed_dim, num_heads, "VisionTransformer")[1]
-        depth = _size(depth, "depth", "VisionTransformer")
+        depth = check_size("VisionTransformer", "depth", depth, 1)
         _mlp_hidden(embed_dim, mlp_ratio, "VisionTransformer")
-        num_classes = _size(num_classes, "num_classes", "VisionTransformer", minimum=0)
+        num_classes = check_size("VisionTransformer", "num_classes", num_classes)
         self.embed_dim, self.depth, self.num_heads, self.mlp_ratio = embed_dim, depth, num_heads, mlp_ratio
         self.num_classes = num_classes
         self.tokenizer = tokenizer
