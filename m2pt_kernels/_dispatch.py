@@ -145,10 +145,9 @@ class use_backend(contextlib.ContextDecorator):
         return f"use_backend({self.name!r})"
 
     def __enter__(self) -> str:
-        if self.name != "auto":
-            ok, why = backend_status()[self.name]
-            if not ok:
-                raise RuntimeError(f"m2pt_kernels backend {self.name!r} is not available: {why}")
+        if self.name != "auto" and not _usable(self.name):  # cached: a decorated function enters on every call
+            raise RuntimeError(f"m2pt_kernels backend {self.name!r} is not available: "
+                               f"{backend_status()[self.name][1]}")
         entry = (self.name,)  # a new object per block: removed by identity
         self._open.setdefault(threading.get_ident(), []).append(entry)
         _override.append(entry)

@@ -51,7 +51,8 @@ def _require_pathways(model: nn.Module, where: str) -> List[Tuple[str, FusedCros
     paper = [n for n, m in model.named_modules() if is_pathway_layer(m)] if not layers else []
     if paper:
         raise ValueError(
-            f"{where}: the pathway layers of this model ({type(model).__name__}, e.g. {paper[0]!r}) are the paper's "
+            f"{where}: the pathway layers of this model ({type(model).__name__}, e.g. {paper[0] or '(root)'!r}) are "
+            "the paper's "
             "CrossModalReparamLinear, which keep W' as a Parameter (DDP / FSDP synchronize it) and cache no merged "
             "weight: there is nothing to do. This helper is for FusedCrossModalLinear layers")
     if not layers:

@@ -85,8 +85,8 @@ def check_size(where: str, name: str, value, minimum: int = 0) -> int:
     (too small) naming it. The one size rule of the package (layers, the ViT, the point-cloud helpers)."""
     kind = {0: "a non-negative integer", 1: "a positive integer"}.get(minimum, f"an integer ≥ {minimum}")
     try:
-        if isinstance(value, bool):
-            raise TypeError
+        if isinstance(value, bool) or (isinstance(value, Tensor) and value.dtype == torch.bool):
+            raise TypeError  # operator.index(torch.tensor(True)) is 1
         value = operator.index(value)
     except TypeError:
         raise TypeError(f"{where}: {name} must be {kind}, got {value!r} ({type(value).__name__}); "

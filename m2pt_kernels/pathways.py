@@ -776,18 +776,21 @@ def add_pathways(model: nn.Module, aux: AuxSource, config: Optional[PathwayConfi
 
 def _fold_weight_hooks(m: nn.Module) -> None:
     """The forward pre-hooks that compute ``m``'s weight from other tensors (the hook-based weight_norm /
-    spectral_norm, torch.nn.utils.prune) run once more, so W is what the next forward would use, and are
+    spectral_norm, torch.nn.utils.prune) compute W once more (spectral_norm as in eval: no power iteration), and are
     then removed from ``m``: their result is folded into the merged weight, and the merged nn.Linear (which
     shares ``m``'s hook dicts, see _carry_hooks) has no weight_g / weight_orig / mask for them."""
     from torch.nn.utils import prune
     from torch.nn.utils.spectral_norm import SpectralNorm
     from torch.nn.utils.weight_norm import WeightNorm
-    kinds = (WeightNorm, SpectralNorm, prune.BasePruningMethod)
     for key, hook in list(m._forward_pre_hooks.items()):
-        if isinstance(hook, kinds):
-            with torch.no_grad():
-                hook(m, ())
-            del m._forward_pre_hooks[key]
+        # with grad: W computed from Parameters that train is one itself (the merged W copies requires_grad)
+        if isinstance(hook, SpectralNorm):  # no extra power iteration: the W the layer computes in eval()
+            setattr(m, hook.name, hook.compute_weight(m, do_power_iteration=False))
+        elif isinstance(hook, (WeightNorm, prune.BasePruningMethod)):
+            hook(m, ())
+        else:
+            continue
+        del m._forward_pre_hooks[key]
 
 
 def _merge_module(m: nn.Module) -> nn.Linear:

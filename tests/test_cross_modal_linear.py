@@ -312,6 +312,7 @@ def test_use_backend_refuses_a_bad_name_at_the_call(monkeypatch):
     status = dict(_dispatch.backend_status())
     status["cuda"] = (False, "pretend: not built")
     monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    monkeypatch.setattr(_dispatch, "_usable_cache", {})  # (availability is cached per process)
     cuda = use_backend("cuda")  # availability: on entering (a decorated function is defined anywhere)
 
     @use_backend("cuda")
@@ -364,6 +365,7 @@ def test_unavailable_backend_is_an_error_not_a_fallback(monkeypatch):
     status = dict(_dispatch.backend_status())
     status["cuda"] = (False, "pretend: not built")
     monkeypatch.setattr(_dispatch, "backend_status", lambda: status)
+    monkeypatch.setattr(_dispatch, "_usable_cache", {})  # (availability is cached per process)
     with pytest.raises(RuntimeError, match="'cuda' is not available: pretend: not built"):
         with use_backend("cuda"):
             pass

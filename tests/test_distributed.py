@@ -135,11 +135,12 @@ def test_distributed_helpers_refuse_a_model_without_pathways():
                                              r"layers .*call it after m2pt_kernels.add_pathways"):
             helper(plain)
     from m2pt_kernels.baselines import PaperCrossModalReparamLinear
-    paper = torch.nn.Sequential(PaperCrossModalReparamLinear(4, 3))
-    for helper in (disable_merged_weight_cache, broadcast_aux_buffers, check_aux_buffers_consistent):
-        with pytest.raises(ValueError, match=rf"{helper.__name__}: the pathway layers of this model .*'0'.* are the "
-                                             r"paper's CrossModalReparamLinear.*nothing to do"):
-            helper(paper)
+    for paper, name in ((torch.nn.Sequential(PaperCrossModalReparamLinear(4, 3)), "'0'"),
+                        (PaperCrossModalReparamLinear(4, 3), r"'\(root\)'")):
+        for helper in (disable_merged_weight_cache, broadcast_aux_buffers, check_aux_buffers_consistent):
+            with pytest.raises(ValueError, match=rf"{helper.__name__}: the pathway layers of this model .*{name}.* "
+                                                 r"are the paper's CrossModalReparamLinear.*nothing to do"):
+                helper(paper)
 
 
 @pytest.fixture

@@ -876,6 +876,8 @@ def test_pathway_options_accept_numpy_and_torch_scalars():
     layer = FusedCrossModalLinear(torch.tensor(IN), np.int64(OUT), scale_init=torch.tensor(1))
     assert (layer.in_features, layer.out_features) == (IN, OUT) and type(layer.in_features) is int
     assert torch.all(layer.cross_modal_scale == 1.0)
+    with pytest.raises(TypeError, match=r"in_features must be a non-negative integer, got tensor\(True\)"):
+        FusedCrossModalLinear(torch.tensor(True), OUT)  # operator.index would make it 1
 
 
 def test_fake_tensor_mode_builds_layers():

@@ -183,8 +183,8 @@ def test_bad_sizes_are_named():
     # widths: a zero-width model used to build, a float width to fail inside torch.empty
     for make in (lambda e: ImagePatchEmbed(32, 8, embed_dim=e), lambda e: AudioPatchEmbed(32, 32, embed_dim=e),
                  lambda e: VideoTubeletEmbed(2, 16, 8, embed_dim=e), lambda e: PointCloudEmbed(4, 4, embed_dim=e)):
-        for bad in (0, 16.0):
-            with pytest.raises(ValueError, match=f"Embed: embed_dim must be a positive integer, got {bad}"):
+        for bad, error in ((0, ValueError), (16.0, TypeError)):
+            with pytest.raises(error, match=f"Embed: embed_dim must be a positive integer, got {bad}"):
                 make(bad)
     with pytest.raises(ValueError, match="PointCloudEmbed: hidden must be a positive integer, got 0"):
         PointCloudEmbed(4, 4, embed_dim=8, hidden=0)

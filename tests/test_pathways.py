@@ -325,10 +325,13 @@ def test_merge_folds_a_hook_computed_weight_and_carries_the_other_hooks(hook):
     x = torch.randn(2, 5, 10)
     with torch.no_grad():
         before = target(x)
+    target.train()  # merged in train mode: spectral_norm's fold must not run a power iteration
     merge_pathways(target)
     assert not pathway_names(target)
     merged = target.blocks[2].mlp.fc1
     assert type(merged) is nn.Linear and not merged._forward_pre_hooks
+    assert merged.weight.requires_grad  # computed from Parameters that train: the merged W trains too
+    target.eval()
     with torch.no_grad():
         assert rel_err(target(x), before) < 1e-6
     assert seen == ["FusedCrossModalLinear", "Linear"]

@@ -41,10 +41,8 @@ def _is_index(v) -> bool:
 
 
 def _positive_int(v, name: str, owner: str) -> int:
-    """``v`` as an int if it is a positive integer (Python or NumPy), else a ValueError naming it."""
-    if not _is_index(v) or v < 1:
-        raise ValueError(f"{owner}: {name} must be a positive integer, got {v!r}")
-    return int(v)
+    """``v`` as an int if it is a positive integer (the package's size rule, ``check_size``)."""
+    return check_size(owner, name, v, 1)
 
 
 def _pair(v, name: str, owner: str) -> tuple[int, int]:
