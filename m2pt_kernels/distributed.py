@@ -48,14 +48,13 @@ def _require_pathways(model: nn.Module, where: str) -> List[Tuple[str, FusedCros
     """The pathway layers of ``model``; a ValueError when there are none (called before
     ``add_pathways``, or after ``merge_pathways``), where the helper would silently do nothing."""
     layers = list(_pathway_layers(model))
-    paper = [n for n, m in model.named_modules() if is_pathway_layer(m)] if not layers else []
-    if paper:
-        raise ValueError(
-            f"{where}: the pathway layers of this model ({type(model).__name__}, e.g. {paper[0] or '(root)'!r}) are "
-            "the paper's "
-            "CrossModalReparamLinear, which keep W' as a Parameter (DDP / FSDP synchronize it) and cache no merged "
-            "weight: there is nothing to do. This helper is for FusedCrossModalLinear layers")
     if not layers:
+        paper = [n for n, m in model.named_modules() if is_pathway_layer(m)]
+        if paper:
+            raise ValueError(
+                f"{where}: the pathway layers of this model ({type(model).__name__}, e.g. {paper[0] or '(root)'!r}) "
+                "are the paper's CrossModalReparamLinear, which keep W' as a Parameter (DDP / FSDP synchronize it) "
+                "and cache no merged weight: there is nothing to do. This helper is for FusedCrossModalLinear layers")
         raise ValueError(
             f"{where}: the model ({type(model).__name__}) has no pathway layers (FusedCrossModalLinear), so "
             "there is nothing to do; call it after m2pt_kernels.add_pathways(model, aux), which creates them")

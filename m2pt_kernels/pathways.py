@@ -823,7 +823,8 @@ def merge_pathways(model: nn.Module) -> nn.Module:
     """
     _check_model(model, "merge_pathways")
     # every name of a shared (tied) layer, so each gets the one merged layer and the tie survives
-    found = ([("", model)] if is_pathway_layer(model) else
+    root = is_pathway_layer(model)
+    found = ([("", model)] if root else
              [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and is_pathway_layer(m)])
     if not found:
         raise ValueError("merge_pathways: this model has no pathways (no FusedCrossModalLinear / "
@@ -835,7 +836,7 @@ def merge_pathways(model: nn.Module) -> nn.Module:
                 "which can't be folded in place. Merge the full state_dict instead: merge_state_dict(get_model_state_dict("
                 "model, options=StateDictOptions(full_state_dict=True))) from torch.distributed.checkpoint"
                 ".state_dict, then load it into the plain model.")
-    if is_pathway_layer(model):
+    if root:
         return _merge_module(model)
     merged: Dict[int, nn.Linear] = {}
     for name, m in found:

@@ -194,7 +194,7 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
     if points.dim() != 3 or points.shape[-1] != 3:
         raise ValueError(f"farthest_point_sample expects points of shape [B, P, 3], got {list(points.shape)}")
     B, P, _ = points.shape
-    check_size("farthest_point_sample", "num_samples", num_samples, 1)
+    num_samples = check_size("farthest_point_sample", "num_samples", num_samples, 1)
     if not 1 <= num_samples <= P:
         raise ValueError(f"farthest_point_sample: num_samples={num_samples} must be in [1, P={P}]")
     pts = points.detach().to(_float_dtype(points))
@@ -205,7 +205,7 @@ def farthest_point_sample(points: Tensor, num_samples: int, start: str | int = "
         current = torch.full((B,), int(start) % P, dtype=torch.long, device=points.device)
     else:
         raise ValueError(f"farthest_point_sample: start must be 'farthest' or an index in [0, {P}), got {start!r}")
-    idx = torch.empty(B, int(num_samples), dtype=torch.long, device=points.device)
+    idx = torch.empty(B, num_samples, dtype=torch.long, device=points.device)
     min_dist = torch.full((B, P), float("inf"), dtype=pts.dtype, device=points.device)
     batch = torch.arange(B, device=points.device)
     for i in range(num_samples):
@@ -224,7 +224,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
             or queries.shape[-1] != points.shape[-1] or queries.shape[-1] == 0:
         raise ValueError(f"knn_indices: queries {list(queries.shape)} and points {list(points.shape)} must be "
                          "[B, Q, D] and [B, P, D], D ≥ 1")
-    check_size("knn_indices", "k", k, 1)
+    k = check_size("knn_indices", "k", k, 1)
     if not 1 <= k <= points.shape[1]:
         raise ValueError(f"knn_indices: k={k} must be in [1, P={points.shape[1]}]")
     dt = torch.promote_types(_float_dtype(queries), _float_dtype(points))
@@ -233,7 +233,7 @@ def knn_indices(queries: Tensor, points: Tensor, k: int) -> Tensor:
     for c in range(q.shape[-1]):
         diff = q[..., c].unsqueeze(2) - p[..., c].unsqueeze(1)
         d2 = diff * diff if d2 is None else d2.addcmul_(diff, diff)
-    return d2.topk(int(k), dim=-1, largest=False, sorted=True).indices
+    return d2.topk(k, dim=-1, largest=False, sorted=True).indices
 
 
 def group_points(points: Tensor, num_groups: int, group_size: int, start: str | int = "farthest"):
